@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from app.deps import CurrentUser, SessionDep, StoreDep
+from app.errors import NotFound, ServiceUnavailable
+from app.jobs.router import ArtifactPublic
+from app.responses import errors
+from app.tables import Artifact, User
+
+router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
+
+MEDIA_TYPES = {"json": "application/json", "md": "text/markdown; charset=utf-8"}
+
+
+def _get(session: SessionDep, artifact_id: str, user: User) -> Artifact:
+    art = session.get(Artifact, artifact_id)
+    if art is None or (art.owner_id != user.id and not user.is_admin):
+        raise NotFound(f"artifact {artifact_id!r} not found", code="artifact_not_found")
+    return art
+
+
+@router.get("/{artifact_id}", responses=errors(404))
+def get_artifact(artifact_id: str, session: SessionDep, user: CurrentUser) -> ArtifactPublic:
+    """An artifact's kind, format, size and sha256."""
+    a = _get(session, artifact_id, user)
+    return ArtifactPublic(
+        id=a.id,
+        kind=a.kind,
+        format=a.format,
+        filename=a.filename,
+        size_bytes=a.size_bytes,
+        sha256=a.sha256,
+        download_url=f"/v1/artifacts/{a.id}/download",
+    )
+
+
+@router.get("/{artifact_id}/download", response_class=FileResponse, responses=errors(404, 416, 503))
+def download_artifact(artifact_id: str, session: SessionDep, store: StoreDep, user: CurrentUser) -> FileResponse:
+    """Stream the artifact. `ETag` is its sha256 (verify after download); `Range` resumes a partial download."""
+    art = _get(session, artifact_id, user)
+    path = store.local_path(art.sha256)
+    if not path.is_file():
+        raise ServiceUnavailable("the artifact's bytes are missing from storage", code="artifact_missing")
+    return FileResponse(
+        path,
+        media_type=MEDIA_TYPES.get(art.format, "application/octet-stream"),
+        filename=art.filename,
+        headers={"ETag": f'"{art.sha256}"'},
+    )

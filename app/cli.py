@@ -1,0 +1,161 @@
+"""The ``squeeze`` command: serve, worker, users, keys, migrate."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Annotated
+
+import typer
+
+cli = typer.Typer(help="Squeeze: model compression as a service.", no_args_is_help=True, add_completion=False)
+users_cli = typer.Typer(help="Manage users.", no_args_is_help=True)
+keys_cli = typer.Typer(help="Manage API keys.", no_args_is_help=True)
+cli.add_typer(users_cli, name="users")
+cli.add_typer(keys_cli, name="keys")
+
+
+@cli.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    worker: Annotated[
+        bool | None,
+        typer.Option(help="Also start a worker process (default: yes in embedded mode, with no broker URL set)."),
+    ] = None,
+) -> None:
+    """Run the API (migrating the database first); in embedded mode, with a worker beside it."""
+    import uvicorn
+
+    from app.config import get_settings
+    from app.main import create_app
+    from app.migrate import upgrade_database
+
+    settings = get_settings()
+    for d in (settings.data_dir, settings.resolved_work_dir, settings.resolved_storage_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    upgrade_database()
+    start_worker = worker if worker is not None else not settings.broker_url
+    child: subprocess.Popen[bytes] | None = None
+    if start_worker:
+        child = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=os.environ.copy())
+        typer.echo(f"squeeze: worker process started (pid {child.pid})")
+    typer.echo(f"squeeze: database {_redact(settings.resolved_database_url)}")
+    typer.echo(f"squeeze: API on http://{host}:{port}  (docs: http://{host}:{port}/docs)")
+    typer.echo("squeeze: get an API key with:  squeeze users create NAME   (add --admin for an admin)")
+    try:
+        uvicorn.run(create_app(migrate_on_start=False), host=host, port=port, log_level="info")
+    finally:
+        if child is not None:
+            child.send_signal(signal.SIGTERM)
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+@cli.command("worker")
+def worker_cmd(
+    queues: Annotated[str, typer.Option(help="Comma-separated queues to consume: cpu, gpu.")] = "cpu",
+    concurrency: Annotated[int, typer.Option(help="Worker processes (each runs one job at a time).")] = 1,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Run a Celery worker (prefork: each job runs in a child process with time limits and recycling)."""
+    if os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        typer.echo(
+            "squeeze: refusing to start: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD would let uploaded pickles run code",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if "torch" in sys.modules:  # forked children of a torch-initialised parent spin forever
+        raise RuntimeError("torch was imported in the worker's parent process")
+    from app.config import get_settings
+    from worker.celery_app import celery_app
+
+    settings = get_settings()
+    settings.resolved_work_dir.mkdir(parents=True, exist_ok=True)
+    wanted = [q.strip() for q in queues.split(",") if q.strip()]
+    celery_app.worker_main(
+        [
+            "worker",
+            f"--queues={','.join(wanted)}",
+            f"--concurrency={concurrency}",
+            f"--loglevel={loglevel}",
+            "--pool=prefork",
+            "--without-gossip",
+            "--without-mingle",
+            f"--hostname=squeeze-{'-'.join(wanted)}-{os.getpid()}@%h",
+        ]
+    )
+
+
+@users_cli.command("create")
+def users_create(
+    name: str, admin: Annotated[bool, typer.Option("--admin", help="May see every user's resources.")] = False
+) -> None:
+    """Create a user and print a new API key for it (shown once)."""
+    from app.auth.service import create_key, create_user
+    from app.db import session_scope
+    from app.migrate import upgrade_database
+
+    upgrade_database()
+    with session_scope() as s:
+        user = create_user(s, name=name, is_admin=admin)
+        key = create_key(s, user=user)
+    typer.echo(key)
+
+
+@keys_cli.command("create")
+def keys_create(user: str) -> None:
+    """Print a new API key for an existing user (shown once)."""
+    from app.auth.service import create_key, find_user
+    from app.db import session_scope
+
+    with session_scope() as s:
+        key = create_key(s, user=find_user(s, name=user))
+    typer.echo(key)
+
+
+@keys_cli.command("revoke")
+def keys_revoke(
+    key: Annotated[str, typer.Argument(help="The key, or its prefix (the part after 'sqz_').")],
+) -> None:
+    """Revoke an API key; requests with it get 401 from then on."""
+    from app.auth.service import revoke_key
+    from app.db import session_scope
+
+    with session_scope() as s:
+        revoked = revoke_key(s, key_or_prefix=key)
+        prefix = revoked.prefix
+    typer.echo(f"revoked key {prefix}")
+
+
+@cli.command()
+def migrate() -> None:
+    """Upgrade the database schema to the newest revision."""
+    from app.migrate import upgrade_database
+
+    upgrade_database()
+    typer.echo("database is at the newest revision")
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def main() -> None:
+    from app.errors import SqueezeError
+
+    try:
+        cli()
+    except SqueezeError as exc:
+        typer.echo(f"squeeze: {exc.message}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""All settings, from environment variables prefixed ``SQUEEZE_`` (nested groups use ``__``).
+
+The defaults are the embedded mode: SQLite, local disk and a filesystem broker under ``./var``, so that
+``squeeze serve`` runs on a fresh machine with no server. Production sets ``SQUEEZE_DATABASE_URL`` (PostgreSQL)
+and ``SQUEEZE_BROKER_URL`` (Redis).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SQUEEZE_", env_nested_delimiter="__", extra="ignore")
+
+    data_dir: Path = Field(Path("var"), description="Root of everything the embedded mode keeps on disk.")
+    database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite at DATA_DIR/squeeze.db.")
+    broker_url: str = Field("", description="Celery broker; empty means kombu's filesystem transport in DATA_DIR.")
+    storage_dir: Path | None = Field(None, description="Content-addressed blob store; default DATA_DIR/blobs.")
+    work_dir: Path | None = Field(None, description="Workers' scratch space; default DATA_DIR/work.")
+
+    max_upload_bytes: int = Field(8 * 1024**3, ge=1, description="Largest accepted upload; 413 past it.")
+    max_archive_members: int = Field(1000, ge=1)
+    max_archive_ratio: float = Field(200.0, gt=1, description="Largest compression ratio of an archive member.")
+
+    job_soft_time_limit_s: int = Field(3300, ge=10)
+    job_time_limit_s: int = Field(3600, ge=20)
+    job_max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it is failed for good.")
+    worker_max_tasks_per_child: int = Field(20, ge=1)
+    gpu_enabled: bool = Field(False, description="Accept device=cuda jobs (a worker must serve the gpu queue).")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'squeeze.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return (self.storage_dir or self.data_dir / "blobs").resolve()
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return (self.work_dir or self.data_dir / "work").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process's settings; tests call ``get_settings.cache_clear()`` after changing the environment."""
+    return Settings()

@@ -1,0 +1,73 @@
+"""Uploaded calibration/evaluation data: ``.npz`` files read without pickle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.blobs import register_blob, release_blob
+from app.config import Settings
+from app.errors import Conflict, NotFound
+from app.models.service import as_json
+from app.pagination import next_cursor, paginate
+from app.storage import ArtifactStore
+from app.tables import DatasetUpload, User
+from app.uploads import store_upload
+
+
+def _inspect(path: Path) -> dict[str, Any]:
+    from app.inspection import inspect_dataset
+
+    return as_json(inspect_dataset(path))
+
+
+async def upload_dataset(
+    request: Request, session: Session, store: ArtifactStore, settings: Settings, *, user: User
+) -> DatasetUpload:
+    received, sha, info = await store_upload(request, store, settings.max_upload_bytes, _inspect)
+    register_blob(session, sha256=sha, size_bytes=received.writer.size)
+    dataset = DatasetUpload(
+        owner_id=user.id,
+        name=(received.fields.get("name") or received.filename or f"dataset-{sha[:12]}")[:256],
+        sha256=sha,
+        size_bytes=received.writer.size,
+        num_samples=info["num_samples"],
+        arrays=info["arrays"],
+        has_labels=info["has_labels"],
+    )
+    session.add(dataset)
+    session.commit()
+    return dataset
+
+
+def get_dataset(session: Session, *, dataset_id: str, user: User) -> DatasetUpload:
+    dataset = session.get(DatasetUpload, dataset_id)
+    if dataset is None or (dataset.owner_id != user.id and not user.is_admin):
+        raise NotFound(f"dataset {dataset_id!r} not found", code="dataset_not_found")
+    return dataset
+
+
+def list_datasets(
+    session: Session, *, user: User, limit: int, cursor: str | None
+) -> tuple[list[DatasetUpload], str | None]:
+    stmt = select(DatasetUpload)
+    if not user.is_admin:
+        stmt = stmt.where(DatasetUpload.owner_id == user.id)
+    return next_cursor(list(session.scalars(paginate(stmt, DatasetUpload, limit=limit, cursor=cursor))), limit)
+
+
+def delete_dataset(session: Session, store: ArtifactStore, *, dataset_id: str, user: User) -> None:
+    from app.jobs.service import dataset_in_use
+
+    dataset = get_dataset(session, dataset_id=dataset_id, user=user)
+    if dataset_in_use(session, dataset.id):
+        raise Conflict("a queued or running job uses this dataset; cancel it first", code="dataset_in_use")
+    sha = dataset.sha256
+    session.delete(dataset)
+    session.flush()
+    release_blob(session, store, sha)
+    session.commit()

@@ -1,0 +1,51 @@
+"""FastAPI dependencies as ``Annotated`` aliases: ``SessionDep``, ``CurrentUser``, ``StoreDep``, ``SettingsDep``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from app.auth.service import authenticate
+from app.config import Settings, get_settings
+from app.db import get_sessionmaker
+from app.errors import Unauthorized
+from app.storage import LocalArtifactStore, get_store
+from app.tables import User
+
+
+def get_session() -> Iterator[Session]:
+    session = get_sessionmaker()()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def _store() -> LocalArtifactStore:
+    return get_store()
+
+
+StoreDep = Annotated[LocalArtifactStore, Depends(_store)]
+
+
+def current_user(request: Request, session: SessionDep) -> User:
+    """The caller, from ``Authorization: Bearer <key>``. Keys in query strings are not accepted."""
+    header = request.headers.get("authorization")
+    if not header:
+        raise Unauthorized("send an API key as 'Authorization: Bearer <key>'", code="missing_api_key")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("send an API key as 'Authorization: Bearer <key>'", code="invalid_api_key")
+    user = authenticate(session, token.strip())
+    request.state.user_id = user.id
+    return user
+
+
+CurrentUser = Annotated[User, Depends(current_user)]

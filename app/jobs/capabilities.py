@@ -1,0 +1,80 @@
+"""Which method runs on which format, and what it needs. ``GET /v1/capabilities`` serves this table, and job
+submission refuses any pair not listed here, so nothing unsupported reaches a worker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_PRUNE = {
+    "magnitude": {
+        "description": "Unstructured magnitude pruning to an exact sparsity, global or per layer.",
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu", "cuda"],
+        "stored_size": "unchanged: zeros are stored densely (the report says so)",
+    },
+}
+
+_ONNX_QUANT = {
+    "int8_dynamic": {
+        "description": "ONNX Runtime dynamic quantization, int8 weights (per channel by default).",
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu"],
+    },
+    "int8_static": {
+        "description": "ONNX Runtime static QDQ quantization, activations calibrated on the dataset.",
+        "needs_dataset": True,
+        "needs_labels": False,
+        "devices": ["cpu"],
+    },
+    "fp16": {
+        "description": "Float16 weights and compute; float32 inputs and outputs kept.",
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu", "cuda"],
+    },
+}
+
+_PT2_QUANT = {
+    "int8_dynamic": {
+        "description": "torchao PT2E dynamic quantization (X86InductorQuantizer), int8 weights.",
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu"],
+    },
+    "int8_static": {
+        "description": "torchao PT2E static quantization (X86InductorQuantizer), calibrated on the dataset.",
+        "needs_dataset": True,
+        "needs_labels": False,
+        "devices": ["cpu"],
+    },
+    "fp16": {
+        "description": "Float16 parameters and compute; float32 inputs and outputs kept.",
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu", "cuda"],
+    },
+}
+
+CAPABILITIES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
+    "onnx": {"prune": _PRUNE, "quantize": _ONNX_QUANT},
+    "pt2": {"prune": _PRUNE, "quantize": _PT2_QUANT},
+}
+
+FORMATS: dict[str, dict[str, Any]] = {
+    "onnx": {
+        "description": "ONNX model: a single .onnx file, or a .zip of an .onnx with its external-data files.",
+        "runtime": "onnxruntime",
+        "output": "onnx",
+    },
+    "pt2": {
+        "description": "torch.export program saved with torch.export.save (.pt2).",
+        "runtime": "torch (torch.export)",
+        "output": "pt2",
+    },
+}
+
+
+def method_info(fmt: str, op: str, method: str) -> dict[str, Any] | None:
+    return CAPABILITIES.get(fmt, {}).get(op, {}).get(method)

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Body, Query, status
+
+from app.deps import CurrentUser, SessionDep, SettingsDep
+from app.jobs import service
+from app.jobs.schemas import ArtifactPublic, JobPublic, JobsPublic
+from app.jobs.spec import JobSpec
+from app.queue import enqueue_job
+from app.responses import errors
+from app.tables import CompressionJob
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+EXAMPLE = {
+    "model_id": "mdl_...",
+    "dataset_id": "dst_...",
+    "steps": [
+        {"op": "prune", "method": "magnitude", "sparsity": 0.5, "scope": "global"},
+        {"op": "quantize", "method": "int8_dynamic"},
+    ],
+    "device": "auto",
+}
+
+
+def to_public(job: CompressionJob) -> JobPublic:
+    return JobPublic(
+        id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        progress=job.progress,
+        stage=job.stage,
+        spec=job.spec,
+        queue=job.queue,
+        error=job.error,  # type: ignore[arg-type]
+        attempts=job.attempts,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        cache_hit=job.cache_hit,
+        metrics=job.metrics,
+        report=job.report,
+        artifacts=[
+            ArtifactPublic(
+                id=a.id,
+                kind=a.kind,
+                format=a.format,
+                filename=a.filename,
+                size_bytes=a.size_bytes,
+                sha256=a.sha256,
+                download_url=f"/v1/artifacts/{a.id}/download",
+            )
+            for a in job.artifacts
+        ],
+    )
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=errors(404, 422))
+def submit_job(
+    spec: Annotated[JobSpec, Body(examples=[EXAMPLE])],
+    session: SessionDep,
+    settings: SettingsDep,
+    user: CurrentUser,
+) -> JobPublic:
+    """Submit a compression job: steps run in order on a worker; both versions are measured on the dataset.
+
+    Everything that can be checked is checked here (method vs format, dataset vs model inputs, device), so an
+    accepted job does not fail for a reason the spec could have shown. An identical earlier job (same model
+    bytes, dataset bytes and spec) is returned at once with `cache_hit: true` unless `cache` is false.
+    """
+    job, needs_enqueue = service.create_job(session, settings, spec=spec, user=user)
+    if needs_enqueue:
+        # After the commit, with the id only: the worker reads everything else from the database.
+        enqueue_job(job.id, job.queue)
+    return to_public(job)
+
+
+@router.get("", responses=errors(400))
+def list_jobs(
+    session: SessionDep,
+    user: CurrentUser,
+    status_: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = Query(None, alias="status"),
+    limit: int = Query(50, ge=1, le=500),
+    cursor: str | None = Query(None, max_length=200),
+) -> JobsPublic:
+    """Your jobs, newest first, optionally filtered by status."""
+    rows, nxt = service.list_jobs(session, user=user, status=status_, limit=limit, cursor=cursor)
+    return JobsPublic(items=[to_public(j) for j in rows], next_cursor=nxt)
+
+
+@router.get("/{job_id}", responses=errors(404))
+def get_job(job_id: str, session: SessionDep, user: CurrentUser) -> JobPublic:
+    """A job's status, progress, stage, metrics (baseline vs result) and artifacts."""
+    return to_public(service.get_job(session, job_id=job_id, user=user))
+
+
+@router.post("/{job_id}/cancel", responses=errors(404))
+def cancel_job(job_id: str, session: SessionDep, user: CurrentUser) -> JobPublic:
+    """Cancel a queued or running job (a running job stops at its next stage). Finished jobs are unchanged."""
+    return to_public(service.cancel_job(session, job_id=job_id, user=user))

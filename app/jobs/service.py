@@ -1,0 +1,181 @@
+"""Compression jobs: validation at the door, the result cache, listing and cancellation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.errors import InvalidSpec, InvalidUpload, NotFound
+from app.jobs.capabilities import method_info
+from app.jobs.spec import JobSpec
+from app.pagination import next_cursor, paginate
+from app.tables import Artifact, CompressionJob, DatasetUpload, ModelUpload, User, utcnow
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _owned(session: Session, table: Any, row_id: str, user: User, what: str) -> Any:
+    row = session.get(table, row_id)
+    if row is None or (row.owner_id != user.id and not user.is_admin):
+        raise NotFound(f"{what} {row_id!r} not found", code=f"{what}_not_found")
+    return row
+
+
+def validate_spec(
+    session: Session, settings: Settings, *, spec: JobSpec, user: User
+) -> tuple[ModelUpload, DatasetUpload | None]:
+    """Everything that can be known before a worker sees the job; raises 404/422 with what to change."""
+    model = _owned(session, ModelUpload, spec.model_id, user, "model")
+    dataset = _owned(session, DatasetUpload, spec.dataset_id, user, "dataset") if spec.dataset_id else None
+    if spec.device == "cuda" and not settings.gpu_enabled:
+        raise InvalidSpec("this deployment has no GPU workers: use device 'cpu' or 'auto'", code="device_unavailable")
+    if not spec.steps and dataset is None:
+        raise InvalidSpec(
+            "a job without steps only evaluates the model, so it needs a dataset_id", code="dataset_required"
+        )
+    for i, step in enumerate(spec.steps):
+        info = method_info(model.format, step.op, step.method)
+        if info is None:
+            raise InvalidSpec(
+                f"steps[{i}]: {step.op}/{step.method} is not available for {model.format} models; "
+                "see GET /v1/capabilities",
+                code="method_not_supported",
+                details={"step": i, "format": model.format, "op": step.op, "method": step.method},
+            )
+        if info["needs_dataset"] and dataset is None:
+            raise InvalidSpec(
+                f"steps[{i}]: {step.op}/{step.method} calibrates on data: add a dataset_id",
+                code="dataset_required",
+                details={"step": i},
+            )
+        if spec.device == "cuda" and "cuda" not in info["devices"]:
+            raise InvalidSpec(
+                f"steps[{i}]: {step.op}/{step.method} does not run on cuda for {model.format} models",
+                code="method_not_supported",
+                details={"step": i, "device": "cuda"},
+            )
+    if dataset is not None:
+        from app.inspection import check_dataset_for_model
+
+        try:
+            check_dataset_for_model(_model_inspection(model), _dataset_inspection(dataset))
+        except InvalidUpload as exc:
+            raise InvalidSpec(exc.message, code=exc.code, details=exc.details) from exc
+    return model, dataset
+
+
+def create_job(session: Session, settings: Settings, *, spec: JobSpec, user: User) -> tuple[CompressionJob, bool]:
+    """Validate and record a job. Returns (job, needs_enqueue); a cache hit is recorded already finished."""
+    model, dataset = validate_spec(session, settings, spec=spec, user=user)
+    key = spec.cache_key(model.sha256, dataset.sha256 if dataset else None)
+    job = CompressionJob(
+        owner_id=user.id,
+        model_id=model.id,
+        dataset_id=dataset.id if dataset else None,
+        spec=spec.model_dump(mode="json"),
+        queue="gpu" if spec.device == "cuda" else "cpu",
+        cache_key=key,
+    )
+    earlier = None
+    if spec.cache:
+        earlier = session.scalar(
+            select(CompressionJob)
+            .where(
+                CompressionJob.cache_key == key,
+                CompressionJob.owner_id == user.id,
+                CompressionJob.status == "succeeded",
+            )
+            .order_by(CompressionJob.finished_at.desc())
+            .limit(1)
+        )
+    if earlier is not None:
+        now = utcnow()
+        job.status, job.progress, job.stage = "succeeded", 1.0, "done"
+        job.cache_hit = True
+        job.metrics, job.report = earlier.metrics, earlier.report
+        job.created_at = job.started_at = job.finished_at = now
+        session.add(job)
+        session.flush()
+        for art in earlier.artifacts:
+            session.add(
+                Artifact(
+                    job_id=job.id,
+                    owner_id=user.id,
+                    kind=art.kind,
+                    format=art.format,
+                    filename=art.filename,
+                    sha256=art.sha256,
+                    size_bytes=art.size_bytes,
+                )
+            )
+        session.commit()
+        session.refresh(job)
+        return job, False
+    session.add(job)
+    session.commit()
+    return job, True
+
+
+def get_job(session: Session, *, job_id: str, user: User) -> CompressionJob:
+    return _owned(session, CompressionJob, job_id, user, "job")
+
+
+def list_jobs(
+    session: Session, *, user: User, status: str | None, limit: int, cursor: str | None
+) -> tuple[list[CompressionJob], str | None]:
+    stmt = select(CompressionJob)
+    if not user.is_admin:
+        stmt = stmt.where(CompressionJob.owner_id == user.id)
+    if status:
+        stmt = stmt.where(CompressionJob.status == status)
+    rows = list(session.scalars(paginate(stmt, CompressionJob, limit=limit, cursor=cursor)))
+    return next_cursor(rows, limit)
+
+
+def cancel_job(session: Session, *, job_id: str, user: User) -> CompressionJob:
+    """Cancel a queued or running job. A running one stops at its next progress report; finished ones stay."""
+    job = get_job(session, job_id=job_id, user=user)
+    if job.status not in TERMINAL:
+        job.status = "cancelled"
+        job.stage = "cancelled"
+        job.finished_at = utcnow()
+        job.error = {"code": "cancelled", "message": "cancelled by the user", "details": {}}
+        session.commit()
+    return job
+
+
+def model_in_use(session: Session, model_id: str) -> bool:
+    return (
+        session.scalar(
+            select(CompressionJob.id)
+            .where(CompressionJob.model_id == model_id, CompressionJob.status.in_(("queued", "running")))
+            .limit(1)
+        )
+        is not None
+    )
+
+
+def dataset_in_use(session: Session, dataset_id: str) -> bool:
+    return (
+        session.scalar(
+            select(CompressionJob.id)
+            .where(CompressionJob.dataset_id == dataset_id, CompressionJob.status.in_(("queued", "running")))
+            .limit(1)
+        )
+        is not None
+    )
+
+
+def _model_inspection(model: ModelUpload) -> Any:
+    from app.inspection import ModelInspection
+
+    return ModelInspection.model_validate(model.inspection)
+
+
+def _dataset_inspection(dataset: DatasetUpload) -> Any:
+    from app.inspection import DatasetInspection
+
+    return DatasetInspection(num_samples=dataset.num_samples, arrays=dataset.arrays, has_labels=dataset.has_labels)

@@ -1,0 +1,90 @@
+"""The job spec: one pydantic schema shared by the API (validation at the door) and the worker.
+
+Steps are a tagged union on ``op`` and then ``method``; unknown fields are refused everywhere, so a bad spec is
+answered with 422 by the API and never reaches a worker. This module must stay free of torch, SQL and Celery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PruneMagnitude(_Strict):
+    """Unstructured magnitude pruning to exactly ``sparsity`` of the prunable weights (Conv/Linear/MatMul)."""
+
+    op: Literal["prune"] = "prune"
+    method: Literal["magnitude"]
+    sparsity: float = Field(ge=0.0, lt=1.0, description="Share of prunable weights set to zero, in [0, 1).")
+    scope: Literal["global", "per_layer"] = Field(
+        "global",
+        description="global: one threshold over all prunable weights; per_layer: each layer at `sparsity`.",
+    )
+
+
+class QuantizeInt8Dynamic(_Strict):
+    """Int8 weights, activations quantized on the fly. Needs no dataset."""
+
+    op: Literal["quantize"] = "quantize"
+    method: Literal["int8_dynamic"]
+    per_channel: bool = Field(True, description="Per-output-channel weight scales (measured better on MiniLM).")
+
+
+class QuantizeInt8Static(_Strict):
+    """Int8 weights and activations, activation ranges calibrated on the job's dataset."""
+
+    op: Literal["quantize"] = "quantize"
+    method: Literal["int8_static"]
+    per_channel: bool = True
+    calibration_samples: int = Field(128, ge=1, le=10_000)
+
+
+class QuantizeFp16(_Strict):
+    """Weights and compute in float16; inputs and outputs keep their original dtype."""
+
+    op: Literal["quantize"] = "quantize"
+    method: Literal["fp16"]
+
+
+PruneStep = Annotated[PruneMagnitude, Field(discriminator="method")]
+QuantizeStep = Annotated[QuantizeInt8Dynamic | QuantizeInt8Static | QuantizeFp16, Field(discriminator="method")]
+Step = Annotated[PruneStep | QuantizeStep, Field(discriminator="op")]
+
+
+class EvalOptions(_Strict):
+    batch_size: int = Field(32, ge=1, le=4096, description="Batch size for accuracy and latency.")
+    max_samples: int = Field(2048, ge=1, le=1_000_000, description="Evaluate on at most this many samples.")
+    latency_runs: int = Field(20, ge=1, le=1000, description="Timed runs after warm-up.")
+    warmup_runs: int = Field(3, ge=0, le=100)
+
+
+class JobSpec(_Strict):
+    """What a client posts to ``POST /v1/jobs``."""
+
+    model_id: str = Field(min_length=1, max_length=64)
+    dataset_id: str | None = Field(None, min_length=1, max_length=64)
+    steps: list[Step] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Run in order. An empty list evaluates the model as it is (needs a dataset).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    evaluation: EvalOptions = Field(default_factory=EvalOptions)
+    cache: bool = Field(True, description="Return an earlier identical job's result instead of running again.")
+
+    def cache_key(self, model_sha256: str, dataset_sha256: str | None) -> str:
+        """Hash of what determines the result: input bytes and the canonical spec (ids and cache flag excluded)."""
+        canonical = self.model_dump(mode="json", exclude={"model_id", "dataset_id", "cache"})
+        payload = json.dumps(
+            {"model": model_sha256, "dataset": dataset_sha256, "spec": canonical},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()

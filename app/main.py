@@ -1,0 +1,82 @@
+"""The HTTP service: ``create_app()`` wires routers, the one error envelope and start-up."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.artifacts.router import router as artifacts_router
+from app.datasets.router import router as datasets_router
+from app.errors import SqueezeError, error_body
+from app.jobs.router import router as jobs_router
+from app.models.router import router as models_router
+from app.system.router import router as system_router
+
+log = logging.getLogger("squeeze.api")
+
+HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    416: "range_not_satisfiable",
+    429: "too_many_requests",
+}
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    from app.config import get_settings
+    from app.migrate import upgrade_database
+
+    settings = get_settings()
+    for d in (settings.data_dir, settings.resolved_work_dir, settings.resolved_storage_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    upgrade_database()
+    yield
+
+
+def create_app(*, migrate_on_start: bool = True) -> FastAPI:
+    app = FastAPI(
+        title="Squeeze",
+        version="0.1.0",
+        summary="Model compression as a service: prune, quantize, measure, download.",
+        lifespan=lifespan if migrate_on_start else None,
+    )
+
+    @app.exception_handler(SqueezeError)
+    async def _squeeze_error(request: Request, exc: SqueezeError) -> JSONResponse:
+        return JSONResponse(error_body(exc.code, exc.message, exc.details), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errs = exc.errors()
+        summary = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errs[:5])
+        details = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errs]
+        return JSONResponse(
+            error_body("validation_error", f"invalid request: {summary}", {"errors": details}),
+            status_code=422,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = HTTP_CODES.get(exc.status_code, "http_error")
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+
+    for router in (system_router, models_router, datasets_router, jobs_router, artifacts_router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,89 @@
+"""Uploaded models: receive, inspect (torch-free), store once by content, list, delete."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.blobs import register_blob, release_blob
+from app.config import Settings
+from app.errors import Conflict, NotFound
+from app.pagination import next_cursor, paginate
+from app.storage import ArtifactStore
+from app.tables import ModelUpload, User
+from app.uploads import store_upload
+
+
+def as_json(obj: Any) -> dict[str, Any]:
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return asdict(obj)
+    return obj.model_dump(mode="json")
+
+
+def _inspect(settings: Settings, path: Path) -> dict[str, Any]:
+    from app.inspection import inspect_model
+
+    workdir = Path(tempfile.mkdtemp(prefix="inspect-", dir=settings.resolved_work_dir))
+    try:
+        return as_json(inspect_model(path, workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def upload_model(
+    request: Request, session: Session, store: ArtifactStore, settings: Settings, *, user: User
+) -> ModelUpload:
+    """Stream the upload into storage, detect its format from the content, record it."""
+    settings.resolved_work_dir.mkdir(parents=True, exist_ok=True)
+    received, sha, info = await store_upload(request, store, settings.max_upload_bytes, lambda p: _inspect(settings, p))
+    name = (received.fields.get("name") or received.filename or f"model-{sha[:12]}")[:256]
+    register_blob(session, sha256=sha, size_bytes=received.writer.size)
+    model = ModelUpload(
+        owner_id=user.id,
+        name=name,
+        format=info["format"],
+        packaging=info.get("packaging", "file"),
+        sha256=sha,
+        size_bytes=received.writer.size,
+        inspection=info,
+    )
+    session.add(model)
+    session.commit()
+    return model
+
+
+def get_model(session: Session, *, model_id: str, user: User) -> ModelUpload:
+    model = session.get(ModelUpload, model_id)
+    if model is None or (model.owner_id != user.id and not user.is_admin):
+        raise NotFound(f"model {model_id!r} not found", code="model_not_found")
+    return model
+
+
+def list_models(
+    session: Session, *, user: User, limit: int, cursor: str | None
+) -> tuple[list[ModelUpload], str | None]:
+    stmt = select(ModelUpload)
+    if not user.is_admin:
+        stmt = stmt.where(ModelUpload.owner_id == user.id)
+    return next_cursor(list(session.scalars(paginate(stmt, ModelUpload, limit=limit, cursor=cursor))), limit)
+
+
+def delete_model(session: Session, store: ArtifactStore, *, model_id: str, user: User) -> None:
+    """Delete a model no queued or running job uses (409 otherwise); its bytes go with their last reference."""
+    from app.jobs.service import model_in_use
+
+    model = get_model(session, model_id=model_id, user=user)
+    if model_in_use(session, model.id):
+        raise Conflict("a queued or running job uses this model; cancel it first", code="model_in_use")
+    sha = model.sha256
+    session.delete(model)
+    session.flush()
+    release_blob(session, store, sha)
+    session.commit()

@@ -1,0 +1,91 @@
+"""Types shared by the pure compression package. No HTTP, SQL or Celery here; numpy only at import time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+ProgressFn = Callable[[float, str], None]
+"""progress(fraction 0..1 of the whole pipeline, stage name)."""
+
+
+class CompressionError(Exception):
+    """A job failed for a reason the user can act on. ``code`` is machine-readable (snake_case)."""
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """The user's dataset: one array per model input (first axis = samples) and optional integer labels."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def head(self, n: int) -> EvalData:
+        return EvalData(
+            {k: v[:n] for k, v in self.inputs.items()},
+            None if self.labels is None else self.labels[:n],
+        )
+
+
+class Runner(Protocol):
+    """A loaded model that maps a batch of named numpy inputs to its outputs (numpy, in output order)."""
+
+    runtime: str  # e.g. "onnxruntime 1.31.1 CPUExecutionProvider" or "torch 2.13.0 cpu"
+    device: str  # "cpu" or "cuda"
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+@dataclass
+class StepReport:
+    """What one step did, in numbers, for the job report."""
+
+    op: str
+    method: str
+    details: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelMetrics:
+    """Metrics of one model version (baseline or result). Keys mirror the API's ``metrics`` object."""
+
+    size_bytes: int
+    parameters: int
+    nonzero_parameters: int
+    sparsity: float
+    device: str
+    runtime: str
+    accuracy: float | None = None
+    agreement: float | None = None
+    cosine: float | None = None
+    max_abs_error: float | None = None
+    latency_ms: dict[str, float] | None = None  # {"p50", "p95", "batch_size"}
+    samples: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PipelineResult:
+    output_path: Path | None  # None for an evaluation-only job
+    output_format: str
+    baseline: ModelMetrics
+    result: ModelMetrics | None
+    steps: list[StepReport]
+    notes: list[str]

@@ -1,0 +1,323 @@
+"""One job, start to finish, on a worker: claim → materialize inputs → run the pipeline → record the outcome.
+
+State lives in SQL. A job is claimed with one conditional UPDATE that also counts the attempt, so a job that
+keeps killing its worker is failed after ``job_max_attempts`` deliveries instead of looping forever. Artifacts
+are written to the store (temp file, fsync, rename) before the rows that point at them are committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from app.blobs import is_referenced, register_blob
+from app.config import get_settings
+from app.db import session_scope
+from app.jobs.capabilities import method_info
+from app.jobs.spec import JobSpec
+from app.storage import get_store
+from app.tables import Artifact, CompressionJob, DatasetUpload, ModelUpload, utcnow
+
+log = logging.getLogger("squeeze.worker")
+T = TypeVar("T")
+PROGRESS_INTERVAL_S = 0.5
+
+
+class JobCancelled(Exception):
+    """The job left the running state (cancelled by its owner) while the worker was on it."""
+
+
+def with_db_retry(fn: Callable[[], T], attempts: int = 6, first_delay_s: float = 0.5) -> T:
+    """Run a database write, retrying through a database restart (connection errors only)."""
+    delay = first_delay_s
+    for i in range(attempts):
+        try:
+            return fn()
+        except (OperationalError, DBAPIError) as exc:
+            if i == attempts - 1 or not getattr(exc, "connection_invalidated", True):
+                raise
+            log.warning("database write failed (%s); retrying in %.1fs", type(exc).__name__, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 8.0)
+    raise AssertionError("unreachable")
+
+
+def claim(job_id: str, worker: str) -> int | None:
+    """Mark the job running and count the attempt; None if it is finished or cancelled already."""
+
+    def _do() -> int | None:
+        with session_scope() as s:
+            res = s.execute(
+                update(CompressionJob)
+                .where(CompressionJob.id == job_id, CompressionJob.status.in_(("queued", "running")))
+                .values(
+                    status="running",
+                    attempts=CompressionJob.attempts + 1,
+                    worker=worker[:256],
+                    stage="starting",
+                    heartbeat_at=utcnow(),
+                )
+                .returning(CompressionJob.attempts)
+            ).first()
+            if res is None:
+                return None
+            job = s.get(CompressionJob, job_id)
+            if job is not None and job.started_at is None:
+                job.started_at = utcnow()
+            return int(res[0])
+
+    return with_db_retry(_do)
+
+
+def fail_job(job_id: str, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+    def _do() -> None:
+        with session_scope() as s:
+            s.execute(
+                update(CompressionJob)
+                .where(CompressionJob.id == job_id, CompressionJob.status.in_(("queued", "running")))
+                .values(
+                    status="failed",
+                    stage="failed",
+                    finished_at=utcnow(),
+                    error={"code": code, "message": message[:4000], "details": details or {}},
+                )
+            )
+
+    with_db_retry(_do)
+
+
+class ProgressReporter:
+    """Writes progress and stage (throttled) and notices cancellation between stages."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self._last = 0.0
+
+    def __call__(self, fraction: float, stage: str) -> None:
+        now = time.monotonic()
+        if now - self._last < PROGRESS_INTERVAL_S and fraction < 1.0 and stage == getattr(self, "_stage", None):
+            return
+        self._last, self._stage = now, stage
+
+        def _do() -> int:
+            with session_scope() as s:
+                return s.execute(
+                    update(CompressionJob)
+                    .where(CompressionJob.id == self.job_id, CompressionJob.status == "running")
+                    .values(
+                        progress=round(min(max(fraction, 0.0), 1.0), 4),
+                        stage=stage[:64],
+                        heartbeat_at=utcnow(),
+                    )
+                ).rowcount
+
+        if with_db_retry(_do) == 0:
+            raise JobCancelled(self.job_id)
+
+
+def resolve_device(spec: JobSpec, fmt: str) -> str:
+    import torch
+
+    if spec.device == "cpu":
+        return "cpu"
+    if spec.device == "cuda":
+        if not torch.cuda.is_available():
+            from worker.compress.types import CompressionError
+
+            raise CompressionError("device_unavailable", "this worker has no CUDA device")
+        return "cuda"
+    cuda_ok = torch.cuda.is_available() and all(
+        "cuda" in (method_info(fmt, s.op, s.method) or {}).get("devices", []) for s in spec.steps
+    )
+    return "cuda" if cuda_ok else "cpu"
+
+
+def materialize_model(model: ModelUpload, workdir: Path) -> Path:
+    """A local path to the model file: the blob itself, or the .onnx inside a safely extracted zip."""
+    store = get_store()
+    blob = store.local_path(model.sha256)
+    if model.packaging == "zip":
+        from app.inspection.archive import find_onnx_in_dir, safe_extract_zip
+
+        settings = get_settings()
+        dest = workdir / "model"
+        dest.mkdir()
+        safe_extract_zip(
+            blob,
+            dest,
+            max_members=settings.max_archive_members,
+            max_total_bytes=settings.max_upload_bytes * int(settings.max_archive_ratio),
+            max_ratio=settings.max_archive_ratio,
+        )
+        return find_onnx_in_dir(dest)
+    return blob
+
+
+def load_dataset(dataset: DatasetUpload, model: ModelUpload) -> Any:
+    """The dataset as numpy arrays keyed by the model's input names (read without pickle)."""
+    from app.inspection import DatasetInspection, ModelInspection, check_dataset_for_model
+    from worker.compress.types import EvalData
+
+    mapping = check_dataset_for_model(
+        ModelInspection.model_validate(model.inspection),
+        DatasetInspection(num_samples=dataset.num_samples, arrays=dataset.arrays, has_labels=dataset.has_labels),
+    )
+    with np.load(get_store().local_path(dataset.sha256), allow_pickle=False) as npz:
+        inputs = {mapping[k]: npz[k] for k in mapping}
+        labels = npz["labels"] if dataset.has_labels else None
+    return EvalData(inputs=inputs, labels=labels)
+
+
+def environment() -> dict[str, str]:
+    env = {"python": platform.python_version(), "machine": platform.machine()}
+    for pkg in ("torch", "torchao", "onnx", "onnxruntime", "numpy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            env[pkg] = metadata.version(pkg)
+    return env
+
+
+def run_job(job_id: str, *, worker: str) -> None:
+    settings = get_settings()
+    attempts = claim(job_id, worker)
+    if attempts is None:
+        log.info("job %s is no longer runnable; skipping", job_id)
+        return
+    if attempts > settings.job_max_attempts:
+        fail_job(
+            job_id,
+            "worker_lost",
+            f"the job was started {attempts - 1} times and its worker died each time "
+            "(out of memory or a crash in a native library); it will not be retried",
+            {"attempts": attempts - 1},
+        )
+        return
+    settings.resolved_work_dir.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=settings.resolved_work_dir))
+    try:
+        _run(job_id, workdir)
+    except JobCancelled:
+        log.info("job %s was cancelled while running", job_id)
+    except Exception as exc:
+        from worker.compress.types import CompressionError
+
+        if isinstance(exc, CompressionError):
+            fail_job(job_id, exc.code, exc.message, exc.details)
+        else:
+            log.exception("job %s failed", job_id)
+            fail_job(job_id, "internal_error", f"{type(exc).__name__}: {exc}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(job_id: str, workdir: Path) -> None:
+    from worker.compress.pipeline import run_pipeline
+
+    with session_scope() as s:
+        job = s.get(CompressionJob, job_id)
+        assert job is not None
+        spec = JobSpec.model_validate(job.spec)
+        model = s.get(ModelUpload, job.model_id) if job.model_id else None
+        dataset = s.get(DatasetUpload, job.dataset_id) if job.dataset_id else None
+        owner_id = job.owner_id
+        s.expunge_all()
+    if model is None:
+        from worker.compress.types import CompressionError
+
+        raise CompressionError("model_not_found", "the job's model was deleted before the job ran")
+    progress = ProgressReporter(job_id)
+    progress(0.0, "loading")
+    model_path = materialize_model(model, workdir)
+    data = load_dataset(dataset, model) if dataset is not None else None
+    device = resolve_device(spec, model.format)
+    started = time.perf_counter()
+    result = run_pipeline(
+        model_path=model_path,
+        fmt=model.format,
+        steps=list(spec.steps),
+        data=data,
+        options=spec.evaluation,
+        device=device,
+        workdir=workdir,
+        progress=progress,
+    )
+    wall_s = time.perf_counter() - started
+    metrics = {
+        "baseline": result.baseline.as_dict(),
+        "result": result.result.as_dict() if result.result else None,
+    }
+    report = {
+        "job_id": job_id,
+        "spec": spec.model_dump(mode="json"),
+        "inputs": {
+            "model": {"id": model.id, "sha256": model.sha256, "format": model.format},
+            "dataset": {"id": dataset.id, "sha256": dataset.sha256} if dataset else None,
+        },
+        "device": device,
+        "steps": [{"op": r.op, "method": r.method, "details": r.details, "notes": r.notes} for r in result.steps],
+        "notes": result.notes,
+        "metrics": metrics,
+        "pipeline_wall_s": round(wall_s, 3),
+        "environment": environment(),
+    }
+    report_path = workdir / "report.json"
+    report_path.write_text(json.dumps(report, indent=2, default=str))
+    store = get_store()
+    outputs: list[tuple[str, str, str, Path]] = []
+    if result.output_path is not None:
+        suffix = ".onnx" if result.output_format == "onnx" else ".pt2"
+        outputs.append(("model", result.output_format, f"{job_id}{suffix}", result.output_path))
+    outputs.append(("report", "json", f"{job_id}-report.json", report_path))
+    stored = [(kind, fmt, name, *store.put_file(path)) for kind, fmt, name, path in outputs]
+
+    def _record() -> bool:
+        with session_scope() as s:
+            done = s.execute(
+                update(CompressionJob)
+                .where(CompressionJob.id == job_id, CompressionJob.status == "running")
+                .values(
+                    status="succeeded",
+                    progress=1.0,
+                    stage="done",
+                    finished_at=utcnow(),
+                    metrics=metrics,
+                    report={k: report[k] for k in ("device", "steps", "notes", "pipeline_wall_s", "environment")},
+                    error=None,
+                )
+            ).rowcount
+            if not done:
+                return False
+            for kind, fmt, name, sha, size in stored:
+                register_blob(s, sha256=sha, size_bytes=size)
+                s.add(
+                    Artifact(
+                        job_id=job_id,
+                        owner_id=owner_id,
+                        kind=kind,
+                        format=fmt,
+                        filename=name,
+                        sha256=sha,
+                        size_bytes=size,
+                    )
+                )
+            return True
+
+    if not with_db_retry(_record):
+        # Cancelled at the last moment: drop the bytes unless another row already shares them.
+        with session_scope() as s:
+            for *_, sha, _size in stored:
+                if not is_referenced(s, sha):
+                    store.delete(sha)
+        raise JobCancelled(job_id)
