@@ -120,3 +120,31 @@ def test_download_etag_and_range(client, alice) -> None:
     assert r.status_code == 206 and r.content == digits_onnx_bytes()[:100]
     r = client.get(f"/v1/models/{m['id']}/download", headers={**alice, "Range": "bytes=99999999-"})
     assert r.status_code == 416
+
+
+def test_upload_limit_is_counted_while_streaming(client, alice) -> None:
+    from app.config import Settings, get_settings
+
+    limit = 4096
+    client.app.dependency_overrides[get_settings] = lambda: Settings(max_upload_bytes=limit)
+    try:
+        raw = {**alice, "Content-Type": "application/octet-stream"}
+        # exactly at the limit: accepted for inspection (and refused as garbage, not as too large)
+        r = client.post("/v1/models", headers=raw, content=b"x" * limit)
+        assert r.status_code == 422
+        r = client.post("/v1/models", headers=raw, content=b"x" * (limit + 1))
+        assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large"
+
+        # chunked, no Content-Length: still counted
+        def chunks():
+            for _ in range(10):
+                yield b"y" * 1000
+
+        r = client.post("/v1/models", headers=raw, content=chunks())
+        assert r.status_code == 413
+        r = client.post("/v1/models", headers=alice, files={"file": ("big.onnx", b"z" * (limit + 1))})
+        assert r.status_code == 413
+        r = client.post("/v1/datasets", headers=alice, files={"file": ("big.npz", b"z" * 10 * limit)})
+        assert r.status_code == 413
+    finally:
+        client.app.dependency_overrides.clear()
