@@ -30,6 +30,14 @@ class Settings(BaseSettings):
     job_soft_time_limit_s: int = Field(3300, ge=10)
     job_time_limit_s: int = Field(3600, ge=20)
     job_max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it is failed for good.")
+    job_lease_s: int = Field(
+        30, ge=5, description="A running job whose worker has not sent a heartbeat for this long may be taken over."
+    )
+    job_heartbeat_s: float = Field(5.0, gt=0, description="How often a worker refreshes its running job's lease.")
+    reconcile_interval_s: float = Field(30.0, gt=0, description="How often the API re-enqueues lost jobs.")
+    requeue_after_s: int = Field(
+        300, ge=10, description="A job queued this long with no worker taking it is sent to the broker again."
+    )
     worker_max_tasks_per_child: int = Field(20, ge=1)
     gpu_enabled: bool = Field(False, description="Accept device=cuda jobs (a worker must serve the gpu queue).")
 

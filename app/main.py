@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,16 +34,26 @@ HTTP_CODES = {
 }
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    from app.config import get_settings
-    from app.migrate import upgrade_database
+def make_lifespan(migrate_on_start: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        from app.config import get_settings
+        from app.jobs.reconcile import reconcile_forever
 
-    settings = get_settings()
-    for d in (settings.data_dir, settings.resolved_work_dir, settings.resolved_storage_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    upgrade_database()
-    yield
+        settings = get_settings()
+        for d in (settings.data_dir, settings.resolved_work_dir, settings.resolved_storage_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        if migrate_on_start:
+            from app.migrate import upgrade_database
+
+            upgrade_database()
+        reconciler = asyncio.create_task(reconcile_forever(settings))
+        try:
+            yield
+        finally:
+            reconciler.cancel()
+
+    return lifespan
 
 
 def create_app(*, migrate_on_start: bool = True) -> FastAPI:
@@ -50,7 +61,7 @@ def create_app(*, migrate_on_start: bool = True) -> FastAPI:
         title="Squeeze",
         version="0.1.0",
         summary="Model compression as a service: prune, quantize, measure, download.",
-        lifespan=lifespan if migrate_on_start else None,
+        lifespan=make_lifespan(migrate_on_start),
     )
 
     @app.exception_handler(SqueezeError)

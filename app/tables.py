@@ -101,6 +101,7 @@ class CompressionJob(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     artifacts: Mapped[list[Artifact]] = relationship(
         back_populates="job", order_by="Artifact.created_at", lazy="selectin"
     )

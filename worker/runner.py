@@ -13,14 +13,17 @@ import logging
 import platform
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import numpy as np
-from sqlalchemy import update
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from app.blobs import is_referenced, register_blob
@@ -55,14 +58,33 @@ def with_db_retry(fn: Callable[[], T], attempts: int = 6, first_delay_s: float =
     raise AssertionError("unreachable")
 
 
-def claim(job_id: str, worker: str) -> int | None:
-    """Mark the job running and count the attempt; None if it is finished or cancelled already."""
+class Claim(NamedTuple):
+    state: Literal["claimed", "gone", "busy"]
+    attempts: int = 0
 
-    def _do() -> int | None:
+
+def claim(job_id: str, worker: str) -> Claim:
+    """Take the job: queued, or running under a lease nobody has renewed for ``job_lease_s`` (its worker died).
+
+    One conditional UPDATE, so two deliveries of the same job can never both run it. Returns "busy" while
+    another worker holds a live lease, "gone" when the job is finished or cancelled.
+    """
+    cutoff = utcnow() - timedelta(seconds=get_settings().job_lease_s)
+
+    def _do() -> Claim:
         with session_scope() as s:
             res = s.execute(
                 update(CompressionJob)
-                .where(CompressionJob.id == job_id, CompressionJob.status.in_(("queued", "running")))
+                .where(
+                    CompressionJob.id == job_id,
+                    or_(
+                        CompressionJob.status == "queued",
+                        and_(
+                            CompressionJob.status == "running",
+                            or_(CompressionJob.heartbeat_at.is_(None), CompressionJob.heartbeat_at < cutoff),
+                        ),
+                    ),
+                )
                 .values(
                     status="running",
                     attempts=CompressionJob.attempts + 1,
@@ -73,13 +95,44 @@ def claim(job_id: str, worker: str) -> int | None:
                 .returning(CompressionJob.attempts)
             ).first()
             if res is None:
-                return None
+                status = s.scalar(select(CompressionJob.status).where(CompressionJob.id == job_id))
+                return Claim("busy" if status == "running" else "gone")
             job = s.get(CompressionJob, job_id)
             if job is not None and job.started_at is None:
                 job.started_at = utcnow()
-            return int(res[0])
+            return Claim("claimed", int(res[0]))
 
     return with_db_retry(_do)
+
+
+class Heartbeat:
+    """Renews the job's lease every ``job_heartbeat_s`` from a thread while the pipeline runs."""
+
+    def __init__(self, job_id: str, interval_s: float) -> None:
+        self.job_id = job_id
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                with session_scope() as s:
+                    s.execute(
+                        update(CompressionJob)
+                        .where(CompressionJob.id == self.job_id, CompressionJob.status == "running")
+                        .values(heartbeat_at=utcnow())
+                    )
+            except Exception:  # a missed beat only shortens the lease; the next one retries
+                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
 
 
 def fail_job(job_id: str, code: str, message: str, details: dict[str, Any] | None = None) -> None:
@@ -189,12 +242,14 @@ def environment() -> dict[str, str]:
     return env
 
 
-def run_job(job_id: str, *, worker: str) -> None:
+def run_job(job_id: str, *, worker: str) -> str:
+    """Run the job if it can be claimed; returns the claim's state (\"busy\": retry after the lease)."""
     settings = get_settings()
-    attempts = claim(job_id, worker)
-    if attempts is None:
-        log.info("job %s is no longer runnable; skipping", job_id)
-        return
+    claimed = claim(job_id, worker)
+    if claimed.state != "claimed":
+        log.info("job %s is %s; not running it now", job_id, claimed.state)
+        return claimed.state
+    attempts = claimed.attempts
     if attempts > settings.job_max_attempts:
         fail_job(
             job_id,
@@ -203,13 +258,16 @@ def run_job(job_id: str, *, worker: str) -> None:
             "(out of memory or a crash in a native library); it will not be retried",
             {"attempts": attempts - 1},
         )
-        return
+        return "gone"
     settings.resolved_work_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=settings.resolved_work_dir))
     try:
-        _run(job_id, workdir)
+        with Heartbeat(job_id, settings.job_heartbeat_s):
+            _run(job_id, workdir)
     except JobCancelled:
         log.info("job %s was cancelled while running", job_id)
+    except SoftTimeLimitExceeded:
+        fail_job(job_id, "timeout", "the job ran past its time limit and was stopped")
     except Exception as exc:
         from worker.compress.types import CompressionError
 
@@ -220,6 +278,7 @@ def run_job(job_id: str, *, worker: str) -> None:
             fail_job(job_id, "internal_error", f"{type(exc).__name__}: {exc}")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    return "claimed"
 
 
 def _run(job_id: str, workdir: Path) -> None:

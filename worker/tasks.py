@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from celery.exceptions import SoftTimeLimitExceeded
-
 from app.queue import RUN_JOB_TASK
 from worker.celery_app import celery_app
 
@@ -14,9 +12,11 @@ log = logging.getLogger("squeeze.worker")
 
 @celery_app.task(name=RUN_JOB_TASK, bind=True)
 def run_job(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
+    from app.config import get_settings
     from worker import runner
 
-    try:
-        runner.run_job(job_id, worker=self.request.hostname or "worker")
-    except SoftTimeLimitExceeded:
-        runner.fail_job(job_id, "timeout", "the job ran past the time limit and was stopped")
+    state = runner.run_job(job_id, worker=self.request.hostname or "worker")
+    if state == "busy":
+        # Redelivered while the previous worker's lease is still fresh (it was killed a moment ago, or it is
+        # alive and this is a duplicate): look again once the lease could have expired.
+        raise self.retry(countdown=get_settings().job_lease_s, max_retries=50)

@@ -78,6 +78,7 @@ def create_job(session: Session, settings: Settings, *, spec: JobSpec, user: Use
         spec=spec.model_dump(mode="json"),
         queue="gpu" if spec.device == "cuda" else "cpu",
         cache_key=key,
+        enqueued_at=utcnow(),
     )
     earlier = None
     if spec.cache:
