@@ -76,6 +76,8 @@ def worker_cmd(
 
     settings = get_settings()
     settings.resolved_work_dir.mkdir(parents=True, exist_ok=True)
+    # SIGTERM → soft shutdown (running job gets worker_soft_shutdown_s), then cold shutdown, which requeues it.
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
     celery_app.worker_main(
         [

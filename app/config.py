@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     requeue_after_s: int = Field(
         300, ge=10, description="A job queued this long with no worker taking it is sent to the broker again."
     )
+    worker_soft_shutdown_s: float = Field(
+        10.0, ge=0, description="On SIGTERM, let a running job finish for this long, then requeue it at once."
+    )
     worker_max_tasks_per_child: int = Field(20, ge=1)
     gpu_enabled: bool = Field(False, description="Accept device=cuda jobs (a worker must serve the gpu queue).")
 

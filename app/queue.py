@@ -26,12 +26,13 @@ def make_celery(settings: Settings) -> Celery:
     }
     if broker.startswith("filesystem://"):
         folder = settings.broker_folder
-        for sub in ("in", "processed"):
+        for sub in ("in", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         transport_options.update(
             data_folder_in=str(folder / "in"),
             data_folder_out=str(folder / "in"),
             processed_folder=str(folder / "processed"),
+            control_folder=str(folder / "control"),
             store_processed=False,
         )
     app.conf.update(
@@ -46,6 +47,10 @@ def make_celery(settings: Settings) -> Celery:
         task_time_limit=settings.job_time_limit_s,
         worker_max_tasks_per_child=settings.worker_max_tasks_per_child,
         worker_cancel_long_running_tasks_on_connection_loss=True,
+        # SIGTERM (remapped to a cold shutdown by `squeeze worker`) first waits this long, then requeues the
+        # unacknowledged job at once instead of leaving it to the visibility timeout.
+        worker_soft_shutdown_timeout=settings.worker_soft_shutdown_s,
+        worker_enable_soft_shutdown_on_idle=False,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
         task_default_queue="cpu",

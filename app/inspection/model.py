@@ -1,0 +1,127 @@
+"""Tell what an uploaded model file is from its bytes (never its name), and inspect it accordingly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.errors import InvalidUpload
+from app.inspection.archive import (
+    DEFAULT_MAX_MEMBERS,
+    DEFAULT_MAX_RATIO,
+    DEFAULT_MAX_TOTAL_BYTES,
+    check_zip_members,
+    empty_folder,
+    find_onnx_in_dir,
+    open_zip,
+    safe_extract_zip,
+)
+from app.inspection.onnx_model import inspect_onnx
+from app.inspection.pickle_scan import PICKLE_REFUSAL, looks_like_pickle, parses_as_pickle
+from app.inspection.pt2 import inspect_pt2, is_pt2_layout
+from app.inspection.schemas import ACCEPTED_MODELS, ModelInspection
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_PICKLE_SNIFF_BYTES = 1024**2
+# Members by which torch.save archives and older pickled exports give themselves away.
+_PICKLE_MEMBERS = ("data.pkl", "serialized_state_dict.pt", "serialized_constants.pt", "serialized_example_inputs.pt")
+
+
+def _pickle_refused() -> InvalidUpload:
+    return InvalidUpload(PICKLE_REFUSAL, code="pickle_not_accepted", details={"accepted": ACCEPTED_MODELS})
+
+
+def inspect_model(
+    path: Path,
+    workdir: Path,
+    *,
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+    max_ratio: float = DEFAULT_MAX_RATIO,
+    max_pt2_members: int = 20_000,
+) -> ModelInspection:
+    """Inspect the uploaded model at ``path``; a zipped ONNX model is extracted into the empty folder ``workdir``.
+
+    The format is read from the content. Raises ``InvalidUpload`` with a machine-readable ``code`` for anything
+    that is not a well-formed, loadable-without-executing-code model of an accepted format.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise InvalidUpload(f"The model file is empty. Accepted: {ACCEPTED_MODELS}.", code="invalid_model")
+    with path.open("rb") as fp:
+        head = fp.read(8)
+    if head.startswith(_ZIP_MAGIC):
+        return _inspect_zip(
+            path,
+            workdir,
+            size=size,
+            max_total_bytes=max_total_bytes,
+            max_members=max_members,
+            max_ratio=max_ratio,
+            max_pt2_members=max_pt2_members,
+        )
+    if looks_like_pickle(head):
+        raise _pickle_refused()
+    if head.startswith(b"\x93NUMPY"):
+        raise InvalidUpload(
+            f"This is a NumPy array, not a model. Accepted: {ACCEPTED_MODELS}.", code="unsupported_format"
+        )
+    try:
+        return inspect_onnx(path, root=None, packaging="file")
+    except InvalidUpload as exc:
+        if exc.code == "invalid_model" and size <= _PICKLE_SNIFF_BYTES and parses_as_pickle(path.read_bytes()):
+            raise _pickle_refused() from exc  # a protocol 0/1 (text) pickle
+        raise
+
+
+def _inspect_zip(
+    path: Path,
+    workdir: Path,
+    *,
+    size: int,
+    max_total_bytes: int,
+    max_members: int,
+    max_ratio: float,
+    max_pt2_members: int,
+) -> ModelInspection:
+    with open_zip(path, max_members=max(max_members, max_pt2_members)) as zf:
+        names = [i.orig_filename for i in zf.infolist()]
+        # The layout decides the member limit: a .pt2 keeps one file per weight tensor.
+        looks_pt2 = any(n.endswith("/archive_format") for n in names)
+        members = check_zip_members(
+            zf,
+            max_members=max_pt2_members if looks_pt2 else max_members,
+            max_total_bytes=max_total_bytes,
+            max_ratio=max_ratio,
+        )
+        files = [m.name for m in members if not m.is_dir]
+        if not files:
+            raise InvalidUpload(f"The archive is empty. Accepted: {ACCEPTED_MODELS}.", code="invalid_archive")
+        if is_pt2_layout(files):
+            return inspect_pt2(zf, members, size_bytes=size)
+        if any(f.rsplit("/", 1)[-1] in _PICKLE_MEMBERS for f in files):
+            raise _pickle_refused()
+        onnx_files = [f for f in files if f.lower().endswith(".onnx")]
+    if not onnx_files:
+        raise InvalidUpload(
+            f"The archive holds no model this service accepts. Accepted: {ACCEPTED_MODELS}.",
+            code="unsupported_format",
+            details={"members": files[:20]},
+        )
+    if len(onnx_files) > 1:
+        raise InvalidUpload(
+            f"The archive must contain exactly one .onnx file (found {len(onnx_files)}).",
+            code="invalid_archive",
+            details={"onnx_files": onnx_files[:20]},
+        )
+    safe_extract_zip(path, workdir, max_members=max_members, max_total_bytes=max_total_bytes, max_ratio=max_ratio)
+    try:
+        onnx_path = find_onnx_in_dir(workdir)
+        return inspect_onnx(
+            onnx_path,
+            root=workdir,
+            packaging="zip",
+            extra_details={"onnx_path": onnx_path.relative_to(workdir).as_posix(), "archive_bytes": size},
+        )
+    except InvalidUpload:
+        empty_folder(workdir)  # a refused upload leaves nothing behind
+        raise

@@ -1,0 +1,45 @@
+"""What inspection reports about an uploaded model or dataset. Plain pydantic models, free of torch."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ACCEPTED_MODELS = (
+    "a single .onnx file, a .zip holding one .onnx file and its external-data files, or a torch.export "
+    "archive (.pt2, written by torch.export.save)"
+)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Frozen):
+    """One model input or output. Symbolic (dynamic) dimensions are strings, static ones integers."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str = Field(description='numpy-style name: "float32", "int64", "bool", "bfloat16", ...')
+
+
+class ModelInspection(_Frozen):
+    format: Literal["onnx", "pt2"]
+    packaging: Literal["file", "zip"]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    parameters: int = Field(description="Elements in the model's weights (pt2: parameters; ONNX: initializers).")
+    opset: int | None = Field(None, description="ONNX default-domain opset; None for pt2.")
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ArraySpec(_Frozen):
+    shape: list[int]
+    dtype: str
+
+
+class DatasetInspection(_Frozen):
+    num_samples: int
+    arrays: dict[str, ArraySpec]
+    has_labels: bool

@@ -1,0 +1,32 @@
+"""OpenAPI descriptions of the error envelope, shared by every router."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any]
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries documenting the error body for each status code."""
+    text = {
+        400: "Malformed request",
+        401: "Missing, malformed or revoked API key",
+        404: "Not found (or owned by another user)",
+        409: "Conflict with the resource's state",
+        413: "Upload larger than the configured limit",
+        416: "Range not satisfiable",
+        422: "Invalid input: the error code says what to change",
+        503: "A dependency is unreachable",
+    }
+    return {c: {"model": ErrorResponse, "description": text.get(c, "Error")} for c in (401, *codes)}
