@@ -10,7 +10,12 @@ from typing import Annotated
 
 import typer
 
-cli = typer.Typer(help="Squeeze: model compression as a service.", no_args_is_help=True, add_completion=False)
+cli = typer.Typer(
+    help="Squeeze: model compression as a service.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
 users_cli = typer.Typer(help="Manage users.", no_args_is_help=True)
 keys_cli = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 cli.add_typer(users_cli, name="users")

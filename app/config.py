@@ -27,11 +27,11 @@ class Settings(BaseSettings):
     max_archive_members: int = Field(1000, ge=1)
     max_archive_ratio: float = Field(200.0, gt=1, description="Largest compression ratio of an archive member.")
 
-    job_soft_time_limit_s: int = Field(3300, ge=10)
-    job_time_limit_s: int = Field(3600, ge=20)
+    job_soft_time_limit_s: int = Field(3300, ge=1)
+    job_time_limit_s: int = Field(3600, ge=2)
     job_max_attempts: int = Field(3, ge=1, description="Deliveries of one job before it is failed for good.")
     job_lease_s: int = Field(
-        30, ge=5, description="A running job whose worker has not sent a heartbeat for this long may be taken over."
+        30, ge=1, description="A running job whose worker has not sent a heartbeat for this long may be taken over."
     )
     job_heartbeat_s: float = Field(5.0, gt=0, description="How often a worker refreshes its running job's lease.")
     reconcile_interval_s: float = Field(30.0, gt=0, description="How often the API re-enqueues lost jobs.")
