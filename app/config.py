@@ -7,6 +7,7 @@ and ``SQUEEZE_BROKER_URL`` (Redis).
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,7 +43,19 @@ class Settings(BaseSettings):
         10.0, ge=0, description="On SIGTERM, let a running job finish for this long, then requeue it at once."
     )
     worker_max_tasks_per_child: int = Field(20, ge=1)
+    sandbox_memory_mb: int = Field(
+        0, ge=0, description="Address-space limit of the process that runs a job's pipeline; 0: 3/4 of the RAM."
+    )
+    sandbox_isolate_network: bool = Field(True, description="Run pipelines in an empty network namespace.")
     gpu_enabled: bool = Field(False, description="Accept device=cuda jobs (a worker must serve the gpu queue).")
+
+    def sandbox_memory_bytes(self, device: str) -> int | None:
+        """RLIMIT_AS for a pipeline; None on GPU jobs (CUDA reserves far more address space than it uses)."""
+        if device != "cpu" and self.gpu_enabled:
+            return None
+        if self.sandbox_memory_mb:
+            return self.sandbox_memory_mb * 2**20
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 3 // 4)
 
     @property
     def resolved_database_url(self) -> str:

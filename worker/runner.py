@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import platform
 import shutil
 import tempfile
@@ -21,7 +22,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeVar
 
-import numpy as np
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -29,7 +29,6 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from app.blobs import is_referenced, register_blob
 from app.config import get_settings
 from app.db import session_scope
-from app.jobs.capabilities import method_info
 from app.jobs.spec import JobSpec
 from app.storage import get_store
 from app.tables import Artifact, CompressionJob, DatasetUpload, ModelUpload, utcnow
@@ -181,23 +180,6 @@ class ProgressReporter:
             raise JobCancelled(self.job_id)
 
 
-def resolve_device(spec: JobSpec, fmt: str) -> str:
-    import torch
-
-    if spec.device == "cpu":
-        return "cpu"
-    if spec.device == "cuda":
-        if not torch.cuda.is_available():
-            from worker.compress.types import CompressionError
-
-            raise CompressionError("device_unavailable", "this worker has no CUDA device")
-        return "cuda"
-    cuda_ok = torch.cuda.is_available() and all(
-        "cuda" in (method_info(fmt, s.op, s.method) or {}).get("devices", []) for s in spec.steps
-    )
-    return "cuda" if cuda_ok else "cpu"
-
-
 def materialize_model(model: ModelUpload, workdir: Path) -> Path:
     """A local path to the model file: the blob itself, or the .onnx inside a safely extracted zip."""
     store = get_store()
@@ -219,19 +201,19 @@ def materialize_model(model: ModelUpload, workdir: Path) -> Path:
     return blob
 
 
-def load_dataset(dataset: DatasetUpload, model: ModelUpload) -> Any:
-    """The dataset as numpy arrays keyed by the model's input names (read without pickle)."""
+def dataset_request(dataset: DatasetUpload, model: ModelUpload) -> dict[str, Any]:
+    """Where the sandbox finds the dataset and which array feeds which model input (checked again here)."""
     from app.inspection import DatasetInspection, ModelInspection, check_dataset_for_model
-    from worker.compress.types import EvalData
 
     mapping = check_dataset_for_model(
         ModelInspection.model_validate(model.inspection),
         DatasetInspection(num_samples=dataset.num_samples, arrays=dataset.arrays, has_labels=dataset.has_labels),
     )
-    with np.load(get_store().local_path(dataset.sha256), allow_pickle=False) as npz:
-        inputs = {mapping[k]: npz[k] for k in mapping}
-        labels = npz["labels"] if dataset.has_labels else None
-    return EvalData(inputs=inputs, labels=labels)
+    return {
+        "path": str(get_store().local_path(dataset.sha256)),
+        "mapping": mapping,
+        "has_labels": dataset.has_labels,
+    }
 
 
 def environment() -> dict[str, str]:
@@ -282,8 +264,9 @@ def run_job(job_id: str, *, worker: str) -> str:
 
 
 def _run(job_id: str, workdir: Path) -> None:
-    from worker.compress.pipeline import run_pipeline
+    from worker.sandbox import SandboxError, run_sandboxed
 
+    settings = get_settings()
     with session_scope() as s:
         job = s.get(CompressionJob, job_id)
         assert job is not None
@@ -299,24 +282,30 @@ def _run(job_id: str, workdir: Path) -> None:
     progress = ProgressReporter(job_id)
     progress(0.0, "loading")
     model_path = materialize_model(model, workdir)
-    data = load_dataset(dataset, model) if dataset is not None else None
-    device = resolve_device(spec, model.format)
-    started = time.perf_counter()
-    result = run_pipeline(
-        model_path=model_path,
-        fmt=model.format,
-        steps=list(spec.steps),
-        data=data,
-        options=spec.evaluation,
-        device=device,
-        workdir=workdir,
-        progress=progress,
-    )
-    wall_s = time.perf_counter() - started
-    metrics = {
-        "baseline": result.baseline.as_dict(),
-        "result": result.result.as_dict() if result.result else None,
+    request = {
+        "spec": spec.model_dump(mode="json"),
+        "format": model.format,
+        "model_path": str(model_path),
+        "dataset": dataset_request(dataset, model) if dataset is not None else None,
+        "workdir": str(workdir),
     }
+    started = time.perf_counter()
+    try:
+        result = run_sandboxed(
+            request,
+            workdir=workdir,
+            progress=progress,
+            memory_bytes=settings.sandbox_memory_bytes(spec.device),
+            cpu_seconds=settings.job_time_limit_s * (os.cpu_count() or 1),
+            isolate_network=settings.sandbox_isolate_network,
+        )
+    except SandboxError as exc:
+        from worker.compress.types import CompressionError
+
+        raise CompressionError(exc.code, exc.message, exc.details) from exc
+    wall_s = time.perf_counter() - started
+    device = result["device"]
+    metrics = {"baseline": result["baseline"], "result": result["result"]}
     report = {
         "job_id": job_id,
         "spec": spec.model_dump(mode="json"),
@@ -325,8 +314,8 @@ def _run(job_id: str, workdir: Path) -> None:
             "dataset": {"id": dataset.id, "sha256": dataset.sha256} if dataset else None,
         },
         "device": device,
-        "steps": [{"op": r.op, "method": r.method, "details": r.details, "notes": r.notes} for r in result.steps],
-        "notes": result.notes,
+        "steps": result["steps"],
+        "notes": result["notes"],
         "metrics": metrics,
         "pipeline_wall_s": round(wall_s, 3),
         "environment": environment(),
@@ -335,9 +324,9 @@ def _run(job_id: str, workdir: Path) -> None:
     report_path.write_text(json.dumps(report, indent=2, default=str))
     store = get_store()
     outputs: list[tuple[str, str, str, Path]] = []
-    if result.output_path is not None:
-        suffix = ".onnx" if result.output_format == "onnx" else ".pt2"
-        outputs.append(("model", result.output_format, f"{job_id}{suffix}", result.output_path))
+    if result["output_path"] is not None:
+        fmt = result["output_format"]
+        outputs.append(("model", fmt, f"{job_id}{'.onnx' if fmt == 'onnx' else '.pt2'}", Path(result["output_path"])))
     outputs.append(("report", "json", f"{job_id}-report.json", report_path))
     stored = [(kind, fmt, name, *store.put_file(path)) for kind, fmt, name, path in outputs]
 

@@ -141,3 +141,12 @@ def test_time_limit_fails_the_job_with_timeout_and_cleans_up(cluster: Cluster, s
     assert job["status"] == "failed" and job["error"]["code"] == "timeout", job["error"]
     work = Path(service_env["SQUEEZE_DATA_DIR"]) / "work"
     assert not [p for p in work.iterdir() if p.name.startswith(job_id)]
+
+
+def test_out_of_memory_fails_once_with_a_clear_error(cluster: Cluster) -> None:
+    cluster.start_worker("worker", SQUEEZE_SANDBOX_MEMORY_MB="300")
+    job_id = cluster.submit_slow_job()
+    job = wait_job(cluster.client, job_id, timeout=120)
+    assert job["status"] == "failed" and job["attempts"] == 1
+    assert job["error"]["code"] == "out_of_memory", job["error"]
+    assert "SQUEEZE_SANDBOX_MEMORY_MB" in job["error"]["message"]
