@@ -47,6 +47,13 @@ class Settings(BaseSettings):
         0, ge=0, description="Address-space limit of the process that runs a job's pipeline; 0: 3/4 of the RAM."
     )
     sandbox_isolate_network: bool = Field(True, description="Run pipelines in an empty network namespace.")
+    quota_storage_bytes: int = Field(0, ge=0, description="Bytes each user may keep stored; 0: unlimited.")
+    quota_concurrent_jobs: int = Field(16, ge=0, description="Jobs each user may have queued or running; 0: no limit.")
+    allowed_formats: list[str] = Field(
+        ["onnx", "pt2"],
+        description="Model formats accepted for upload. Drop 'pt2' where users are not trusted: PyTorch allows "
+        "torch.export programs to carry code (Squeeze refuses what it can recognise, and runs jobs confined).",
+    )
     gpu_enabled: bool = Field(False, description="Accept device=cuda jobs (a worker must serve the gpu queue).")
 
     def sandbox_memory_bytes(self, device: str) -> int | None:

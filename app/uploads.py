@@ -17,7 +17,7 @@ from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
 
-from app.errors import BadRequest, InvalidUpload, PayloadTooLarge
+from app.errors import BadRequest, Forbidden, InvalidUpload, PayloadTooLarge
 from app.storage import ArtifactStore, BlobWriter
 
 T = TypeVar("T")
@@ -168,7 +168,12 @@ async def receive_upload(request: Request, writer: BlobWriter, max_bytes: int) -
 
 
 async def store_upload(
-    request: Request, store: ArtifactStore, max_bytes: int, inspect: Callable[[Path], T]
+    request: Request,
+    store: ArtifactStore,
+    max_bytes: int,
+    inspect: Callable[[Path], T],
+    *,
+    quota_bound: bool = False,
 ) -> tuple[ReceivedUpload, str, T]:
     """Receive, inspect and only then commit an upload. Anything refused leaves nothing behind.
 
@@ -177,7 +182,16 @@ async def store_upload(
     """
     writer = store.writer()
     try:
-        received = await receive_upload(request, writer, max_bytes)
+        try:
+            received = await receive_upload(request, writer, max_bytes)
+        except PayloadTooLarge as exc:
+            if quota_bound:  # the limit was what is left of the user's storage quota, not the size cap
+                raise Forbidden(
+                    "this upload does not fit in what is left of your storage quota",
+                    code="storage_quota_exceeded",
+                    details={"bytes_left": max_bytes},
+                ) from exc
+            raise
         writer.flush()
         if writer.size == 0:
             raise InvalidUpload("the uploaded file is empty", code="empty_file")

@@ -14,6 +14,7 @@ from app.config import Settings
 from app.errors import Conflict, NotFound
 from app.models.service import as_json
 from app.pagination import next_cursor, paginate
+from app.quotas import upload_allowance
 from app.storage import ArtifactStore
 from app.tables import DatasetUpload, User
 from app.uploads import store_upload
@@ -28,7 +29,8 @@ def _inspect(path: Path) -> dict[str, Any]:
 async def upload_dataset(
     request: Request, session: Session, store: ArtifactStore, settings: Settings, *, user: User
 ) -> DatasetUpload:
-    received, sha, info = await store_upload(request, store, settings.max_upload_bytes, _inspect)
+    limit, quota_bound = upload_allowance(session, settings, user)
+    received, sha, info = await store_upload(request, store, limit, _inspect, quota_bound=quota_bound)
     register_blob(session, sha256=sha, size_bytes=received.writer.size)
     dataset = DatasetUpload(
         owner_id=user.id,

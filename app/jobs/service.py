@@ -12,6 +12,7 @@ from app.errors import InvalidSpec, InvalidUpload, NotFound
 from app.jobs.capabilities import method_info
 from app.jobs.spec import JobSpec
 from app.pagination import next_cursor, paginate
+from app.quotas import check_job_slots
 from app.tables import Artifact, CompressionJob, DatasetUpload, ModelUpload, User, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -70,6 +71,7 @@ def validate_spec(
 def create_job(session: Session, settings: Settings, *, spec: JobSpec, user: User) -> tuple[CompressionJob, bool]:
     """Validate and record a job. Returns (job, needs_enqueue); a cache hit is recorded already finished."""
     model, dataset = validate_spec(session, settings, spec=spec, user=user)
+    check_job_slots(session, settings, user)
     key = spec.cache_key(model.sha256, dataset.sha256 if dataset else None)
     job = CompressionJob(
         owner_id=user.id,

@@ -14,8 +14,9 @@ from sqlalchemy.orm import Session
 
 from app.blobs import register_blob, release_blob
 from app.config import Settings
-from app.errors import Conflict, NotFound
+from app.errors import Conflict, InvalidUpload, NotFound
 from app.pagination import next_cursor, paginate
+from app.quotas import upload_allowance
 from app.storage import ArtifactStore
 from app.tables import ModelUpload, User
 from app.uploads import store_upload
@@ -32,9 +33,16 @@ def _inspect(settings: Settings, path: Path) -> dict[str, Any]:
 
     workdir = Path(tempfile.mkdtemp(prefix="inspect-", dir=settings.resolved_work_dir))
     try:
-        return as_json(inspect_model(path, workdir))
+        info = as_json(inspect_model(path, workdir))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if info["format"] not in settings.allowed_formats:
+        raise InvalidUpload(
+            f"{info['format']} models are not accepted by this deployment "
+            f"(allowed: {', '.join(settings.allowed_formats)})",
+            code="format_disabled",
+        )
+    return info
 
 
 async def upload_model(
@@ -42,7 +50,10 @@ async def upload_model(
 ) -> ModelUpload:
     """Stream the upload into storage, detect its format from the content, record it."""
     settings.resolved_work_dir.mkdir(parents=True, exist_ok=True)
-    received, sha, info = await store_upload(request, store, settings.max_upload_bytes, lambda p: _inspect(settings, p))
+    limit, quota_bound = upload_allowance(session, settings, user)
+    received, sha, info = await store_upload(
+        request, store, limit, lambda p: _inspect(settings, p), quota_bound=quota_bound
+    )
     name = (received.fields.get("name") or received.filename or f"model-{sha[:12]}")[:256]
     register_blob(session, sha256=sha, size_bytes=received.writer.size)
     model = ModelUpload(
