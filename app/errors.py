@@ -76,6 +76,11 @@ class TooManyRequests(SqueezeError):
     code = "too_many_requests"
 
 
+class InsufficientStorage(SqueezeError):
+    status_code = 507
+    code = "storage_full"
+
+
 class ServiceUnavailable(SqueezeError):
     status_code = 503
     code = "service_unavailable"

@@ -8,7 +8,8 @@ accepted too and is the fastest path for large files.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import errno
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -16,8 +17,9 @@ from typing import TypeVar
 from fastapi import Request
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
-from app.errors import BadRequest, Forbidden, InvalidUpload, PayloadTooLarge
+from app.errors import BadRequest, Forbidden, InsufficientStorage, InvalidUpload, PayloadTooLarge
 from app.storage import ArtifactStore, BlobWriter
 
 T = TypeVar("T")
@@ -50,6 +52,7 @@ class _MultipartSink:
         self._part_is_file = False
         self._field_buf = bytearray()
         self._parts = 0
+        self.complete = False
 
     def on_part_begin(self) -> None:
         self._parts += 1
@@ -102,10 +105,23 @@ class _MultipartSink:
         if not self._part_is_file and self._part_name is not None:
             self.fields[self._part_name] = self._field_buf.decode("utf-8", "replace")
 
+    def on_end(self) -> None:
+        self.complete = True
+
     def _count_header(self, n: int) -> None:
         self._header_bytes += n
         if self._header_bytes > MAX_HEADER_BYTES:
             raise BadRequest("multipart part headers are too large", code="bad_multipart")
+
+
+async def _body(request: Request) -> AsyncIterator[bytes]:
+    """The body's chunks. A client that goes away mid-upload is a refusal like any other, not a server error
+    (unhandled, each one would log a traceback: a cheap way to flood the log)."""
+    try:
+        async for chunk in request.stream():
+            yield chunk
+    except ClientDisconnect as exc:
+        raise BadRequest("the client disconnected before the upload was complete", code="client_disconnected") from exc
 
 
 async def receive_upload(request: Request, writer: BlobWriter, max_bytes: int) -> ReceivedUpload:
@@ -131,10 +147,11 @@ async def receive_upload(request: Request, writer: BlobWriter, max_bytes: int) -
                 "on_header_value": sink.on_header_value,
                 "on_header_end": sink.on_header_end,
                 "on_headers_finished": sink.on_headers_finished,
+                "on_end": sink.on_end,
             },
         )
         total = 0
-        async for chunk in request.stream():
+        async for chunk in _body(request):
             total += len(chunk)
             if total > max_bytes + MULTIPART_OVERHEAD:
                 raise PayloadTooLarge(
@@ -148,11 +165,15 @@ async def receive_upload(request: Request, writer: BlobWriter, max_bytes: int) -
             except Exception as exc:  # python-multipart raises its own errors on malformed bodies
                 raise BadRequest(f"malformed multipart body: {exc}", code="bad_multipart") from exc
         parser.finalize()
+        # python-multipart's finalize() does not check that the closing boundary arrived: a body cut short (or a
+        # Content-Length smaller than what was sent) would otherwise be inspected and stored as if complete.
+        if not sink.complete:
+            raise BadRequest("the multipart body ends before its closing boundary", code="bad_multipart")
         if not sink.file_seen:
             raise BadRequest("the form has no part named 'file'", code="file_missing")
         return ReceivedUpload(writer, sink.filename, sink.fields)
     if content_type == b"application/octet-stream":
-        async for chunk in request.stream():
+        async for chunk in _body(request):
             if writer.size + len(chunk) > max_bytes:
                 raise PayloadTooLarge(
                     f"the upload is larger than the limit of {max_bytes} bytes",
@@ -197,6 +218,11 @@ async def store_upload(
             raise InvalidUpload("the uploaded file is empty", code="empty_file")
         found = await run_in_threadpool(inspect, writer.temp_path)
         sha = await run_in_threadpool(writer.commit)
+    except OSError as exc:
+        writer.abort()
+        if exc.errno == errno.ENOSPC:
+            raise InsufficientStorage("the server's storage is full; nothing was kept") from exc
+        raise
     except BaseException:
         writer.abort()
         raise

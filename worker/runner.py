@@ -8,6 +8,7 @@ are written to the store (temp file, fsync, rename) before the rows that point a
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -49,7 +50,10 @@ def with_db_retry(fn: Callable[[], T], attempts: int = 6, first_delay_s: float =
         try:
             return fn()
         except (OperationalError, DBAPIError) as exc:
-            if i == attempts - 1 or not getattr(exc, "connection_invalidated", True):
+            # OperationalError: the server is unreachable or restarting. Other DBAPI errors only when they
+            # dropped the connection; a constraint violation would fail the same way again.
+            retriable = isinstance(exc, OperationalError) or exc.connection_invalidated
+            if i == attempts - 1 or not retriable:
                 raise
             log.warning("database write failed (%s); retrying in %.1fs", type(exc).__name__, delay)
             time.sleep(delay)
@@ -250,6 +254,12 @@ def run_job(job_id: str, *, worker: str) -> str:
         log.info("job %s was cancelled while running", job_id)
     except SoftTimeLimitExceeded:
         fail_job(job_id, "timeout", "the job ran past its time limit and was stopped")
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            log.exception("job %s failed", job_id)
+            fail_job(job_id, "internal_error", f"{type(exc).__name__}: {exc}")
+        else:
+            fail_job(job_id, "storage_full", "the artifact store is full; nothing was kept. Ask an admin to free space")
     except Exception as exc:
         from worker.compress.types import CompressionError
 

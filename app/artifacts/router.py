@@ -41,8 +41,9 @@ def download_artifact(artifact_id: str, session: SessionDep, store: StoreDep, us
     """Stream the artifact. `ETag` is its sha256 (verify after download); `Range` resumes a partial download."""
     art = _get(session, artifact_id, user)
     path = store.local_path(art.sha256)
-    if not path.is_file():
-        raise ServiceUnavailable("the artifact's bytes are missing from storage", code="artifact_missing")
+    if not path.is_file() or path.stat().st_size != art.size_bytes:
+        # Never serve bytes that are not the ones recorded (the ETag lets clients verify the full checksum).
+        raise ServiceUnavailable("the artifact's bytes are missing or damaged in storage", code="artifact_missing")
     return FileResponse(
         path,
         media_type=MEDIA_TYPES.get(art.format, "application/octet-stream"),

@@ -26,7 +26,9 @@ def to_public(d: DatasetUpload) -> DatasetPublic:
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=errors(400, 413, 422), openapi_extra=UPLOAD_BODY)
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, responses=errors(400, 403, 413, 422, 507), openapi_extra=UPLOAD_BODY
+)
 async def upload_dataset(
     request: Request, session: SessionDep, store: StoreDep, settings: SettingsDep, user: CurrentUser
 ) -> DatasetPublic:

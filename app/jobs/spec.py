@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 
 class _Strict(BaseModel):
@@ -53,9 +53,33 @@ class QuantizeFp16(_Strict):
     method: Literal["fp16"]
 
 
-PruneStep = Annotated[PruneMagnitude, Field(discriminator="method")]
-QuantizeStep = Annotated[QuantizeInt8Dynamic | QuantizeInt8Static | QuantizeFp16, Field(discriminator="method")]
-Step = Annotated[PruneStep | QuantizeStep, Field(discriminator="op")]
+STEP_TYPES: dict[str, type[_Strict]] = {
+    "prune/magnitude": PruneMagnitude,
+    "quantize/int8_dynamic": QuantizeInt8Dynamic,
+    "quantize/int8_static": QuantizeInt8Static,
+    "quantize/fp16": QuantizeFp16,
+}
+
+
+def _step_tag(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return f"{value.get('op')}/{value.get('method')}"
+    return f"{getattr(value, 'op', None)}/{getattr(value, 'method', None)}"
+
+
+# One tagged union over (op, method). A callable discriminator rather than nested ``discriminator=`` fields:
+# nested ones produce an OpenAPI discriminator mapping that is not valid OpenAPI (and /openapi.json failed).
+Step = Annotated[
+    Annotated[PruneMagnitude, Tag("prune/magnitude")]
+    | Annotated[QuantizeInt8Dynamic, Tag("quantize/int8_dynamic")]
+    | Annotated[QuantizeInt8Static, Tag("quantize/int8_static")]
+    | Annotated[QuantizeFp16, Tag("quantize/fp16")],
+    Discriminator(
+        _step_tag,
+        custom_error_type="unknown_step",
+        custom_error_message=f"unknown op/method; one of: {', '.join(STEP_TYPES)}",
+    ),
+]
 
 
 class EvalOptions(_Strict):

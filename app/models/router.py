@@ -53,7 +53,7 @@ def to_public(model: ModelUpload) -> ModelPublic:
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses=errors(400, 413, 422),
+    responses=errors(400, 403, 413, 422, 507),
     openapi_extra=UPLOAD_BODY,
 )
 async def upload_model(
