@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     job_heartbeat_s: float = Field(5.0, gt=0, description="How often a worker refreshes its running job's lease.")
     reconcile_interval_s: float = Field(30.0, gt=0, description="How often the API re-enqueues lost jobs.")
     requeue_after_s: int = Field(
-        300, ge=10, description="A job queued this long with no worker taking it is sent to the broker again."
+        300, ge=1, description="A job queued this long with no worker taking it is sent to the broker again."
     )
     worker_soft_shutdown_s: float = Field(
         10.0, ge=0, description="On SIGTERM, let a running job finish for this long, then requeue it at once."

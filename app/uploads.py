@@ -9,6 +9,7 @@ accepted too and is the fastest path for large files.
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ MAX_FIELDS = 16
 MAX_FIELD_BYTES = 4096
 MAX_HEADER_BYTES = 16 * 1024
 MULTIPART_OVERHEAD = 64 * 1024  # room for boundaries and small fields beyond the file's own limit
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 @dataclass
@@ -35,6 +37,18 @@ class ReceivedUpload:
     writer: BlobWriter
     filename: str | None
     fields: dict[str, str] = field(default_factory=dict)
+
+    def display_name(self, default: str) -> str:
+        """The client's name for the upload (field ``name``, else the file name), for display only, never a path.
+
+        Control characters (NUL, CR, LF, ...) are dropped: PostgreSQL refuses NUL in text, and a name is shown in
+        listings and logs. At most 256 characters.
+        """
+        for candidate in (self.fields.get("name"), self.filename):
+            name = _CONTROL_CHARACTERS.sub("", candidate or "")[:256]
+            if name:
+                return name
+        return default
 
 
 class _MultipartSink:
@@ -160,7 +174,7 @@ async def receive_upload(request: Request, writer: BlobWriter, max_bytes: int) -
                 )
             try:
                 parser.write(chunk)
-            except (BadRequest, PayloadTooLarge):
+            except (BadRequest, PayloadTooLarge, OSError):  # OSError: our own disk, not the client's body
                 raise
             except Exception as exc:  # python-multipart raises its own errors on malformed bodies
                 raise BadRequest(f"malformed multipart body: {exc}", code="bad_multipart") from exc
