@@ -37,8 +37,10 @@ def serve(
     from app.config import get_settings
     from app.main import create_app
     from app.migrate import upgrade_database
+    from app.observability import configure_logging
 
     settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
     for d in (settings.data_dir, settings.resolved_work_dir, settings.resolved_storage_dir):
         d.mkdir(parents=True, exist_ok=True)
     upgrade_database()
@@ -51,7 +53,7 @@ def serve(
     typer.echo(f"squeeze: API on http://{host}:{port}  (docs: http://{host}:{port}/docs)")
     typer.echo("squeeze: get an API key with:  squeeze users create NAME   (add --admin for an admin)")
     try:
-        uvicorn.run(create_app(migrate_on_start=False), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(migrate_on_start=False), host=host, port=port, log_level="info", log_config=None)
     finally:
         if child is not None:
             child.send_signal(signal.SIGTERM)
@@ -77,9 +79,11 @@ def worker_cmd(
     if "torch" in sys.modules:  # forked children of a torch-initialised parent spin forever
         raise RuntimeError("torch was imported in the worker's parent process")
     from app.config import get_settings
+    from app.observability import configure_logging
     from worker.celery_app import celery_app
 
     settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
     settings.resolved_work_dir.mkdir(parents=True, exist_ok=True)
     # SIGTERM → soft shutdown (running job gets worker_soft_shutdown_s), then cold shutdown, which requeues it.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,6 +19,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SQUEEZE_", env_nested_delimiter="__", extra="ignore")
 
+    log_format: Literal["json", "text"] = Field("json", description="Log lines as JSON objects, or plain text.")
+    log_level: str = "INFO"
     data_dir: Path = Field(Path("var"), description="Root of everything the embedded mode keeps on disk.")
     database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite at DATA_DIR/squeeze.db.")
     broker_url: str = Field("", description="Celery broker; empty means kombu's filesystem transport in DATA_DIR.")

@@ -11,12 +11,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from app.artifacts.router import router as artifacts_router
 from app.datasets.router import router as datasets_router
 from app.errors import SqueezeError, error_body
 from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
+from app.observability import RequestContextMiddleware
 from app.system.router import router as system_router
 
 log = logging.getLogger("squeeze.api")
@@ -32,6 +35,19 @@ HTTP_CODES = {
     416: "range_not_satisfiable",
     429: "too_many_requests",
 }
+
+
+def allowed_methods(app: FastAPI, scope: Scope) -> str:
+    """Every method the path accepts, for a 405's ``Allow``.
+
+    Starlette fills ``Allow`` from the first route whose path matched, and FastAPI has one route per method, so
+    ``/v1/models`` would answer ``Allow: POST`` although GET works too (RFC 9110 wants them all).
+    """
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(scope)[0] != Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
 
 
 def make_lifespan(migrate_on_start: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -81,13 +97,17 @@ def create_app(*, migrate_on_start: bool = True) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = HTTP_CODES.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405 and (allow := allowed_methods(app, request.scope)):
+            headers = {**(headers or {}), "Allow": allow}
+        return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
 
+    app.add_middleware(RequestContextMiddleware)
     for router in (system_router, models_router, datasets_router, jobs_router, artifacts_router):
         app.include_router(router)
     return app

@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Select, tuple_
 
 from app.errors import BadRequest
+from app.tables import could_be_id
 
 
 def encode_cursor(created_at: datetime, row_id: str) -> str:
@@ -21,9 +22,12 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         ts, row_id = json.loads(raw)
-        return datetime.fromisoformat(ts), str(row_id)
+        decoded = datetime.fromisoformat(ts), str(row_id)
     except Exception as exc:
         raise BadRequest("invalid cursor", code="invalid_cursor") from exc
+    if not could_be_id(decoded[1]):  # e.g. NUL, which PostgreSQL refuses with an error (a 500, not a 400)
+        raise BadRequest("invalid cursor", code="invalid_cursor")
+    return decoded
 
 
 def paginate(stmt: Select[Any], table: Any, *, limit: int, cursor: str | None) -> Select[Any]:

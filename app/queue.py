@@ -69,7 +69,11 @@ def get_celery() -> Celery:
 
 def enqueue_job(job_id: str, queue: str) -> None:
     """Send the job id (nothing else) to ``queue``. Call only after the job row is committed."""
-    get_celery().send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=job_id)
+    from app.observability import request_id_var
+
+    get_celery().send_task(
+        RUN_JOB_TASK, args=[job_id], kwargs={"request_id": request_id_var.get()}, queue=queue, task_id=job_id
+    )
 
 
 def broker_reachable(timeout_s: float = 2.0) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +19,15 @@ def utcnow() -> datetime:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
+
+
+_ID_SHAPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def could_be_id(value: str) -> bool:
+    """Whether a client-sent id could name a row. Anything else matches none, and is not sent to the database:
+    PostgreSQL refuses NUL and lone surrogates in text with an error, which would answer 500 instead of 404."""
+    return _ID_SHAPE.fullmatch(value) is not None
 
 
 class User(Base):

@@ -11,10 +11,14 @@ log = logging.getLogger("squeeze.worker")
 
 
 @celery_app.task(name=RUN_JOB_TASK, bind=True)
-def run_job(self, job_id: str) -> None:  # type: ignore[no-untyped-def]
+def run_job(self, job_id: str, request_id: str | None = None) -> None:  # type: ignore[no-untyped-def]
     from app.config import get_settings
+    from app.observability import job_id_var, request_id_var
     from worker import runner
 
+    request_id_var.set(request_id)
+    job_id_var.set(job_id)
+    log.info("job received")
     state = runner.run_job(job_id, worker=self.request.hostname or "worker")
     if state == "busy":
         # Redelivered while the previous worker's lease is still fresh (it was killed a moment ago, or it is

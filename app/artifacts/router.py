@@ -7,7 +7,7 @@ from app.deps import CurrentUser, SessionDep, StoreDep
 from app.errors import NotFound, ServiceUnavailable
 from app.jobs.router import ArtifactPublic
 from app.responses import errors
-from app.tables import Artifact, User
+from app.tables import Artifact, User, could_be_id
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
@@ -15,7 +15,7 @@ MEDIA_TYPES = {"json": "application/json", "md": "text/markdown; charset=utf-8"}
 
 
 def _get(session: SessionDep, artifact_id: str, user: User) -> Artifact:
-    art = session.get(Artifact, artifact_id)
+    art = session.get(Artifact, artifact_id) if could_be_id(artifact_id) else None
     if art is None or (art.owner_id != user.id and not user.is_admin):
         raise NotFound(f"artifact {artifact_id!r} not found", code="artifact_not_found")
     return art

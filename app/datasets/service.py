@@ -16,7 +16,7 @@ from app.models.service import as_json
 from app.pagination import next_cursor, paginate
 from app.quotas import upload_allowance
 from app.storage import ArtifactStore
-from app.tables import DatasetUpload, User
+from app.tables import DatasetUpload, User, could_be_id
 from app.uploads import store_upload
 
 
@@ -34,7 +34,7 @@ async def upload_dataset(
     register_blob(session, sha256=sha, size_bytes=received.writer.size)
     dataset = DatasetUpload(
         owner_id=user.id,
-        name=(received.fields.get("name") or received.filename or f"dataset-{sha[:12]}")[:256],
+        name=received.display_name(f"dataset-{sha[:12]}"),
         sha256=sha,
         size_bytes=received.writer.size,
         num_samples=info["num_samples"],
@@ -47,7 +47,7 @@ async def upload_dataset(
 
 
 def get_dataset(session: Session, *, dataset_id: str, user: User) -> DatasetUpload:
-    dataset = session.get(DatasetUpload, dataset_id)
+    dataset = session.get(DatasetUpload, dataset_id) if could_be_id(dataset_id) else None
     if dataset is None or (dataset.owner_id != user.id and not user.is_admin):
         raise NotFound(f"dataset {dataset_id!r} not found", code="dataset_not_found")
     return dataset

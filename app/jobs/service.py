@@ -13,13 +13,13 @@ from app.jobs.capabilities import method_info
 from app.jobs.spec import JobSpec
 from app.pagination import next_cursor, paginate
 from app.quotas import check_job_slots
-from app.tables import Artifact, CompressionJob, DatasetUpload, ModelUpload, User, utcnow
+from app.tables import Artifact, CompressionJob, DatasetUpload, ModelUpload, User, could_be_id, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def _owned(session: Session, table: Any, row_id: str, user: User, what: str) -> Any:
-    row = session.get(table, row_id)
+    row = session.get(table, row_id) if could_be_id(row_id) else None
     if row is None or (row.owner_id != user.id and not user.is_admin):
         raise NotFound(f"{what} {row_id!r} not found", code=f"{what}_not_found")
     return row

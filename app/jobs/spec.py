@@ -61,9 +61,16 @@ STEP_TYPES: dict[str, type[_Strict]] = {
 }
 
 
+# ``op`` has a default in each step's schema (the method alone names the step), so a step sent without it must be
+# told apart by its method too; otherwise the documented default is refused as an unknown step.
+OP_OF_METHOD: dict[str, str] = {tag.split("/")[1]: tag.split("/")[0] for tag in STEP_TYPES}
+
+
 def _step_tag(value: Any) -> str | None:
     if isinstance(value, dict):
-        return f"{value.get('op')}/{value.get('method')}"
+        method = value.get("method")
+        op = value["op"] if "op" in value else OP_OF_METHOD.get(method) if isinstance(method, str) else None
+        return f"{op}/{method}"
     return f"{getattr(value, 'op', None)}/{getattr(value, 'method', None)}"
 
 

@@ -18,7 +18,7 @@ from app.errors import Conflict, InvalidUpload, NotFound
 from app.pagination import next_cursor, paginate
 from app.quotas import upload_allowance
 from app.storage import ArtifactStore
-from app.tables import ModelUpload, User
+from app.tables import ModelUpload, User, could_be_id
 from app.uploads import store_upload
 
 
@@ -54,7 +54,7 @@ async def upload_model(
     received, sha, info = await store_upload(
         request, store, limit, lambda p: _inspect(settings, p), quota_bound=quota_bound
     )
-    name = (received.fields.get("name") or received.filename or f"model-{sha[:12]}")[:256]
+    name = received.display_name(f"model-{sha[:12]}")
     register_blob(session, sha256=sha, size_bytes=received.writer.size)
     model = ModelUpload(
         owner_id=user.id,
@@ -71,7 +71,7 @@ async def upload_model(
 
 
 def get_model(session: Session, *, model_id: str, user: User) -> ModelUpload:
-    model = session.get(ModelUpload, model_id)
+    model = session.get(ModelUpload, model_id) if could_be_id(model_id) else None
     if model is None or (model.owner_id != user.id and not user.is_admin):
         raise NotFound(f"model {model_id!r} not found", code="model_not_found")
     return model

@@ -3,11 +3,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
 
 from app.db import get_engine
 from app.deps import CurrentUser
+from app.errors import Forbidden
 from app.jobs.capabilities import CAPABILITIES, FORMATS
 from app.queue import broker_reachable
 from app.responses import errors
@@ -45,6 +46,22 @@ def readyz() -> JSONResponse:
         {"error": {"code": "not_ready", "message": "a dependency is unreachable", "details": checks}},
         status_code=503,
     )
+
+
+@router.get(
+    "/metrics",
+    response_class=JSONResponse,  # for the error bodies; the metrics themselves are text, documented below
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}, **errors(403)},
+)
+def metrics(user: CurrentUser) -> PlainTextResponse:
+    """Prometheus metrics (admin key): requests and latency by route, jobs by status, queue depth, storage."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from app.observability import REGISTRY
+
+    if not user.is_admin:
+        raise Forbidden("metrics cover every user's jobs: use an admin key", code="admin_required")
+    return PlainTextResponse(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/v1/capabilities", responses=errors())
