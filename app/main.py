@@ -18,6 +18,7 @@ from app.artifacts.router import router as artifacts_router
 from app.datasets.router import router as datasets_router
 from app.errors import SqueezeError, error_body
 from app.jobs.router import router as jobs_router
+from app.log_redaction import redact_access_log
 from app.models.router import router as models_router
 from app.observability import RequestContextMiddleware
 from app.system.router import router as system_router
@@ -107,6 +108,7 @@ def create_app(*, migrate_on_start: bool = True) -> FastAPI:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
 
+    redact_access_log()
     app.add_middleware(RequestContextMiddleware)
     for router in (system_router, models_router, datasets_router, jobs_router, artifacts_router):
         app.include_router(router)

@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db import Base
@@ -131,3 +131,18 @@ class Artifact(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     job: Mapped[CompressionJob] = relationship(back_populates="artifacts")
+
+
+class IdempotencyKey(Base):
+    """A client's ``Idempotency-Key`` and what its first request created, so a retry gets the same resource."""
+
+    __tablename__ = "idempotency_keys"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("idk"))
+    owner_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    scope: Mapped[str] = mapped_column(String(32))  # "jobs" | "models" | "datasets"
+    key: Mapped[str] = mapped_column(String(200))
+    request_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    resource_id: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("owner_id", "scope", "key", name="uq_idempotency_keys_owner_scope_key"),)

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.responses import FileResponse
 
 from app.datasets import service
 from app.datasets.schemas import DatasetPublic, DatasetsPublic
 from app.deps import CurrentUser, SessionDep, SettingsDep, StoreDep
+from app.idempotency import idempotency_key
 from app.models.router import UPLOAD_BODY
 from app.responses import errors
 from app.tables import DatasetUpload
@@ -30,14 +33,19 @@ def to_public(d: DatasetUpload) -> DatasetPublic:
     "", status_code=status.HTTP_201_CREATED, responses=errors(400, 403, 413, 422, 507), openapi_extra=UPLOAD_BODY
 )
 async def upload_dataset(
-    request: Request, session: SessionDep, store: StoreDep, settings: SettingsDep, user: CurrentUser
+    request: Request,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    user: CurrentUser,
+    key: Annotated[str | None, Depends(idempotency_key)],
 ) -> DatasetPublic:
     """Upload calibration/evaluation data: an `.npz` with one array per model input and optional `labels`.
 
     Arrays are named as the model's inputs (or `inputs` for a one-input model), share their first dimension
     (samples), and hold numbers only: object arrays are refused and nothing is unpickled.
     """
-    return to_public(await service.upload_dataset(request, session, store, settings, user=user))
+    return to_public(await service.upload_dataset(request, session, store, settings, user=user, idempotency_key=key))
 
 
 @router.get("", responses=errors(400))

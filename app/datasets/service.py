@@ -9,6 +9,7 @@ from fastapi import Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import idempotency
 from app.blobs import register_blob, release_blob
 from app.config import Settings
 from app.errors import Conflict, NotFound
@@ -27,8 +28,18 @@ def _inspect(path: Path) -> dict[str, Any]:
 
 
 async def upload_dataset(
-    request: Request, session: Session, store: ArtifactStore, settings: Settings, *, user: User
+    request: Request,
+    session: Session,
+    store: ArtifactStore,
+    settings: Settings,
+    *,
+    user: User,
+    idempotency_key: str | None = None,
 ) -> DatasetUpload:
+    if idempotency_key:
+        earlier = idempotency.find(session, user=user, scope="datasets", key=idempotency_key, request_sha256=None)
+        if earlier is not None and (row := session.get(DatasetUpload, earlier)) is not None:
+            return row  # a retry: the first request's upload, without storing the body again
     limit, quota_bound = upload_allowance(session, settings, user)
     received, sha, info = await store_upload(request, store, limit, _inspect, quota_bound=quota_bound)
     register_blob(session, sha256=sha, size_bytes=received.writer.size)
@@ -42,6 +53,15 @@ async def upload_dataset(
         has_labels=info["has_labels"],
     )
     session.add(dataset)
+    session.flush()
+    if idempotency_key:
+        winner = idempotency.remember(
+            session, user=user, scope="datasets", key=idempotency_key, request_sha256=None, resource_id=dataset.id
+        )
+        if winner != dataset.id:  # a concurrent retry with the same key got there first
+            session.rollback()
+            release_blob(session, store, sha)
+            return session.get(DatasetUpload, winner)
     session.commit()
     return dataset
 

@@ -2,9 +2,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Query, status
+from fastapi import APIRouter, Body, Depends, Query, status
 
 from app.deps import CurrentUser, SessionDep, SettingsDep
+from app.idempotency import idempotency_key
 from app.jobs import service
 from app.jobs.schemas import ArtifactPublic, JobPublic, JobsPublic
 from app.jobs.spec import JobSpec
@@ -62,14 +63,16 @@ def submit_job(
     session: SessionDep,
     settings: SettingsDep,
     user: CurrentUser,
+    key: Annotated[str | None, Depends(idempotency_key)],
 ) -> JobPublic:
     """Submit a compression job: steps run in order on a worker; both versions are measured on the dataset.
 
     Everything that can be checked is checked here (method vs format, dataset vs model inputs, device), so an
     accepted job does not fail for a reason the spec could have shown. An identical earlier job (same model
     bytes, dataset bytes and spec) is returned at once with `cache_hit: true` unless `cache` is false.
+    With an `Idempotency-Key` header, a retried request returns the job the first one created.
     """
-    job, needs_enqueue = service.create_job(session, settings, spec=spec, user=user)
+    job, needs_enqueue = service.create_job(session, settings, spec=spec, user=user, idempotency_key=key)
     if needs_enqueue:
         # After the commit, with the id only: the worker reads everything else from the database.
         enqueue_job(job.id, job.queue)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import idempotency
 from app.config import Settings
 from app.errors import InvalidSpec, InvalidUpload, NotFound
 from app.jobs.capabilities import method_info
@@ -68,8 +71,18 @@ def validate_spec(
     return model, dataset
 
 
-def create_job(session: Session, settings: Settings, *, spec: JobSpec, user: User) -> tuple[CompressionJob, bool]:
-    """Validate and record a job. Returns (job, needs_enqueue); a cache hit is recorded already finished."""
+def create_job(
+    session: Session, settings: Settings, *, spec: JobSpec, user: User, idempotency_key: str | None = None
+) -> tuple[CompressionJob, bool]:
+    """Validate and record a job. Returns (job, needs_enqueue); a cache hit is recorded already finished.
+
+    With an idempotency key, a retry of the same request returns the job the first one created.
+    """
+    request_sha = hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    if idempotency_key:
+        earlier_id = idempotency.find(session, user=user, scope="jobs", key=idempotency_key, request_sha256=request_sha)
+        if earlier_id is not None and (earlier_job := session.get(CompressionJob, earlier_id)) is not None:
+            return earlier_job, False
     model, dataset = validate_spec(session, settings, spec=spec, user=user)
     check_job_slots(session, settings, user)
     key = spec.cache_key(model.sha256, dataset.sha256 if dataset else None)
@@ -102,6 +115,8 @@ def create_job(session: Session, settings: Settings, *, spec: JobSpec, user: Use
         job.created_at = job.started_at = job.finished_at = now
         session.add(job)
         session.flush()
+        if idempotency_key and (winner := _remember(session, user, idempotency_key, request_sha, job.id)):
+            return winner, False
         for art in earlier.artifacts:
             session.add(
                 Artifact(
@@ -118,8 +133,22 @@ def create_job(session: Session, settings: Settings, *, spec: JobSpec, user: Use
         session.refresh(job)
         return job, False
     session.add(job)
+    session.flush()
+    if idempotency_key and (winner := _remember(session, user, idempotency_key, request_sha, job.id)):
+        return winner, False
     session.commit()
     return job, True
+
+
+def _remember(session: Session, user: User, key: str, request_sha: str, job_id: str) -> CompressionJob | None:
+    """Record the key for ``job_id``; if a concurrent request with the same key won, drop ours and return its job."""
+    winner_id = idempotency.remember(
+        session, user=user, scope="jobs", key=key, request_sha256=request_sha, resource_id=job_id
+    )
+    if winner_id == job_id:
+        return None
+    session.rollback()
+    return session.get(CompressionJob, winner_id)
 
 
 def get_job(session: Session, *, job_id: str, user: User) -> CompressionJob:

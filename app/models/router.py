@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.responses import FileResponse
 
 from app.deps import CurrentUser, SessionDep, SettingsDep, StoreDep
+from app.idempotency import idempotency_key
 from app.models import service
 from app.models.schemas import ModelPublic, ModelsPublic
 from app.responses import errors
@@ -57,14 +58,19 @@ def to_public(model: ModelUpload) -> ModelPublic:
     openapi_extra=UPLOAD_BODY,
 )
 async def upload_model(
-    request: Request, session: SessionDep, store: StoreDep, settings: SettingsDep, user: CurrentUser
+    request: Request,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    user: CurrentUser,
+    key: Annotated[str | None, Depends(idempotency_key)],
 ) -> ModelPublic:
     """Upload a model (multipart field `file`, optional `name`; or a raw octet-stream body with `?name=`).
 
     The format is detected from the content: ONNX, a .zip of ONNX with external data, or a torch.export `.pt2`.
     Pickled checkpoints are refused. The response says what inspection found: inputs, outputs, parameters.
     """
-    return to_public(await service.upload_model(request, session, store, settings, user=user))
+    return to_public(await service.upload_model(request, session, store, settings, user=user, idempotency_key=key))
 
 
 @router.get("", responses=errors(400))

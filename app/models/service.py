@@ -12,6 +12,7 @@ from fastapi import Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import idempotency
 from app.blobs import register_blob, release_blob
 from app.config import Settings
 from app.errors import Conflict, InvalidUpload, NotFound
@@ -46,10 +47,20 @@ def _inspect(settings: Settings, path: Path) -> dict[str, Any]:
 
 
 async def upload_model(
-    request: Request, session: Session, store: ArtifactStore, settings: Settings, *, user: User
+    request: Request,
+    session: Session,
+    store: ArtifactStore,
+    settings: Settings,
+    *,
+    user: User,
+    idempotency_key: str | None = None,
 ) -> ModelUpload:
     """Stream the upload into storage, detect its format from the content, record it."""
     settings.resolved_work_dir.mkdir(parents=True, exist_ok=True)
+    if idempotency_key:
+        earlier = idempotency.find(session, user=user, scope="models", key=idempotency_key, request_sha256=None)
+        if earlier is not None and (row := session.get(ModelUpload, earlier)) is not None:
+            return row  # a retry: the first request's upload, without storing the body again
     limit, quota_bound = upload_allowance(session, settings, user)
     received, sha, info = await store_upload(
         request, store, limit, lambda p: _inspect(settings, p), quota_bound=quota_bound
@@ -66,6 +77,15 @@ async def upload_model(
         inspection=info,
     )
     session.add(model)
+    session.flush()
+    if idempotency_key:
+        winner = idempotency.remember(
+            session, user=user, scope="models", key=idempotency_key, request_sha256=None, resource_id=model.id
+        )
+        if winner != model.id:  # a concurrent retry with the same key got there first
+            session.rollback()
+            release_blob(session, store, sha)
+            return session.get(ModelUpload, winner)
     session.commit()
     return model
 

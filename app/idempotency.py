@@ -1,0 +1,64 @@
+"""``Idempotency-Key`` on POST /v1/jobs and uploads, as payment APIs do: a retried request gets the resource the
+first one created instead of creating another. Keys are per user and per kind of resource."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import Header
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.errors import BadRequest, InvalidSpec
+from app.tables import IdempotencyKey, User
+
+_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+def idempotency_key(
+    key: str | None = Header(
+        None,
+        alias="Idempotency-Key",
+        description="Any unique string (a UUID): a retry with the same key returns the first request's resource.",
+        max_length=200,
+    ),
+) -> str | None:
+    if key is not None and not _KEY.match(key):
+        raise BadRequest("Idempotency-Key must be 1-200 printable ASCII characters", code="invalid_idempotency_key")
+    return key
+
+
+def find(session: Session, *, user: User, scope: str, key: str, request_sha256: str | None) -> str | None:
+    """The resource id an earlier request with this key created; 422 if that request was a different one."""
+    row = session.scalar(
+        select(IdempotencyKey).where(
+            IdempotencyKey.owner_id == user.id, IdempotencyKey.scope == scope, IdempotencyKey.key == key
+        )
+    )
+    if row is None:
+        return None
+    if request_sha256 is not None and row.request_sha256 not in (None, request_sha256):
+        raise InvalidSpec(
+            "this Idempotency-Key was already used for a different request; use a new key",
+            code="idempotency_key_reused",
+        )
+    return row.resource_id
+
+
+def remember(
+    session: Session, *, user: User, scope: str, key: str, request_sha256: str | None, resource_id: str
+) -> str:
+    """Record the key in the caller's transaction. If a concurrent request won the race, return its resource."""
+    try:
+        with session.begin_nested():
+            session.add(
+                IdempotencyKey(
+                    owner_id=user.id, scope=scope, key=key, request_sha256=request_sha256, resource_id=resource_id
+                )
+            )
+    except IntegrityError:
+        earlier = find(session, user=user, scope=scope, key=key, request_sha256=request_sha256)
+        assert earlier is not None
+        return earlier
+    return resource_id
