@@ -1,4 +1,4 @@
-"""The ``squeeze`` command: serve, worker, users, keys, migrate."""
+"""The ``squeeze`` command: serve, worker, users, keys, migrate; and the client commands (``squeeze.cli``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 from typing import Annotated
 
 import typer
+
+from squeeze.cli import register as register_client_commands
 
 cli = typer.Typer(
     help="Squeeze: model compression as a service.",
@@ -150,6 +152,9 @@ def migrate() -> None:
 
     upgrade_database()
     typer.echo("database is at the newest revision")
+
+
+register_client_commands(cli)  # login, models, datasets, jobs, download, compress: the API's client side
 
 
 def _redact(url: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from fastapi import Header
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -22,6 +22,8 @@ def idempotency_key(
         alias="Idempotency-Key",
         description="Any unique string (a UUID): a retry with the same key returns the first request's resource.",
         max_length=200,
+        # Documented (so clients and schema-driven tests know it) but checked below, to answer with our own code.
+        json_schema_extra={"pattern": _KEY.pattern},
     ),
 ) -> str | None:
     if key is not None and not _KEY.match(key):
@@ -62,3 +64,17 @@ def remember(
         assert earlier is not None
         return earlier
     return resource_id
+
+
+def forget_resource(session: Session, *, owner_id: str, scope: str, resource_id: str) -> None:
+    """Drop the keys that created a resource being deleted: a retry with one of them then uploads anew.
+
+    Kept, such a key would name a row that no longer exists, and the retry would fail with a 500.
+    """
+    session.execute(
+        delete(IdempotencyKey).where(
+            IdempotencyKey.owner_id == owner_id,
+            IdempotencyKey.scope == scope,
+            IdempotencyKey.resource_id == resource_id,
+        )
+    )

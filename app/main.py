@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
+from starlette.routing import Match
 from starlette.types import Scope
 
 from app.artifacts.router import router as artifacts_router
@@ -38,17 +38,21 @@ HTTP_CODES = {
 }
 
 
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def allowed_methods(app: FastAPI, scope: Scope) -> str:
     """Every method the path accepts, for a 405's ``Allow``.
 
     Starlette fills ``Allow`` from the first route whose path matched, and FastAPI has one route per method, so
-    ``/v1/models`` would answer ``Allow: POST`` although GET works too (RFC 9110 wants them all).
+    ``/v1/models`` would answer ``Allow: POST`` although GET works too (RFC 9110 wants them all). Each method is
+    tried against the routes instead.
     """
-    methods: set[str] = set()
-    for route in app.router.routes:
-        if isinstance(route, Route) and route.methods and route.matches(scope)[0] != Match.NONE:
-            methods |= route.methods
-    return ", ".join(sorted(methods))
+    return ", ".join(
+        m
+        for m in HTTP_METHODS
+        if any(route.matches({**scope, "method": m})[0] == Match.FULL for route in app.router.routes)
+    )
 
 
 def make_lifespan(migrate_on_start: bool) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:

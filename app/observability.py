@@ -107,6 +107,11 @@ class RequestContextMiddleware:
 class StateCollector:
     """Gauges read at scrape time from the source of truth (the database) and the broker."""
 
+    def describe(self) -> list[Any]:
+        # Without it the registry (auto_describe) runs collect() at import, querying a database that may not be
+        # migrated yet: `squeeze serve` on a fresh database crashed before it could migrate.
+        return []
+
     def collect(self) -> Iterator[Any]:
         from sqlalchemy import func, select
 

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from app.deps import CurrentUser, SessionDep, StoreDep
+from app.downloads import file_download
 from app.errors import NotFound, ServiceUnavailable
 from app.jobs.router import ArtifactPublic
 from app.responses import errors
@@ -36,17 +37,20 @@ def get_artifact(artifact_id: str, session: SessionDep, user: CurrentUser) -> Ar
     )
 
 
-@router.get("/{artifact_id}/download", response_class=FileResponse, responses=errors(404, 416, 503))
-def download_artifact(artifact_id: str, session: SessionDep, store: StoreDep, user: CurrentUser) -> FileResponse:
+@router.get("/{artifact_id}/download", response_class=FileResponse, responses=errors(400, 404, 416, 503))
+def download_artifact(
+    artifact_id: str, request: Request, session: SessionDep, store: StoreDep, user: CurrentUser
+) -> FileResponse:
     """Stream the artifact. `ETag` is its sha256 (verify after download); `Range` resumes a partial download."""
     art = _get(session, artifact_id, user)
     path = store.local_path(art.sha256)
     if not path.is_file() or path.stat().st_size != art.size_bytes:
         # Never serve bytes that are not the ones recorded (the ETag lets clients verify the full checksum).
         raise ServiceUnavailable("the artifact's bytes are missing or damaged in storage", code="artifact_missing")
-    return FileResponse(
+    return file_download(
+        request,
         path,
-        media_type=MEDIA_TYPES.get(art.format, "application/octet-stream"),
+        sha256=art.sha256,
         filename=art.filename,
-        headers={"ETag": f'"{art.sha256}"'},
+        media_type=MEDIA_TYPES.get(art.format, "application/octet-stream"),
     )

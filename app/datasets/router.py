@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse
 from app.datasets import service
 from app.datasets.schemas import DatasetPublic, DatasetsPublic
 from app.deps import CurrentUser, SessionDep, SettingsDep, StoreDep
+from app.downloads import file_download
 from app.idempotency import idempotency_key
 from app.models.router import UPLOAD_BODY
 from app.responses import errors
@@ -66,15 +67,18 @@ def get_dataset(dataset_id: str, session: SessionDep, user: CurrentUser) -> Data
     return to_public(service.get_dataset(session, dataset_id=dataset_id, user=user))
 
 
-@router.get("/{dataset_id}/download", response_class=FileResponse, responses=errors(404, 416))
-def download_dataset(dataset_id: str, session: SessionDep, store: StoreDep, user: CurrentUser) -> FileResponse:
+@router.get("/{dataset_id}/download", response_class=FileResponse, responses=errors(400, 404, 416))
+def download_dataset(
+    dataset_id: str, request: Request, session: SessionDep, store: StoreDep, user: CurrentUser
+) -> FileResponse:
     """The dataset's bytes as uploaded. `ETag` is the sha256; `Range` is supported."""
     d = service.get_dataset(session, dataset_id=dataset_id, user=user)
-    return FileResponse(
+    return file_download(
+        request,
         store.local_path(d.sha256),
-        media_type="application/octet-stream",
+        sha256=d.sha256,
         filename=f"{d.id}.npz",
-        headers={"ETag": f'"{d.sha256}"'},
+        media_type="application/octet-stream",
     )
 
 

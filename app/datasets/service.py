@@ -89,6 +89,7 @@ def delete_dataset(session: Session, store: ArtifactStore, *, dataset_id: str, u
     if dataset_in_use(session, dataset.id):
         raise Conflict("a queued or running job uses this dataset; cancel it first", code="dataset_in_use")
     sha = dataset.sha256
+    idempotency.forget_resource(session, owner_id=dataset.owner_id, scope="datasets", resource_id=dataset.id)
     session.delete(dataset)
     session.flush()
     release_blob(session, store, sha)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.responses import FileResponse
 
 from app.deps import CurrentUser, SessionDep, SettingsDep, StoreDep
+from app.downloads import file_download
 from app.idempotency import idempotency_key
 from app.models import service
 from app.models.schemas import ModelPublic, ModelsPublic
@@ -91,16 +92,19 @@ def get_model(model_id: str, session: SessionDep, user: CurrentUser) -> ModelPub
     return to_public(service.get_model(session, model_id=model_id, user=user))
 
 
-@router.get("/{model_id}/download", response_class=FileResponse, responses=errors(404, 416))
-def download_model(model_id: str, session: SessionDep, store: StoreDep, user: CurrentUser) -> FileResponse:
+@router.get("/{model_id}/download", response_class=FileResponse, responses=errors(400, 404, 416))
+def download_model(
+    model_id: str, request: Request, session: SessionDep, store: StoreDep, user: CurrentUser
+) -> FileResponse:
     """The model's bytes as uploaded. `ETag` is the sha256; `Range` is supported."""
     model = service.get_model(session, model_id=model_id, user=user)
     suffix = {"onnx": ".zip" if model.packaging == "zip" else ".onnx", "pt2": ".pt2"}.get(model.format, "")
-    return FileResponse(
+    return file_download(
+        request,
         store.local_path(model.sha256),
-        media_type="application/octet-stream",
+        sha256=model.sha256,
         filename=f"{model.id}{suffix}",
-        headers={"ETag": f'"{model.sha256}"'},
+        media_type="application/octet-stream",
     )
 
 

@@ -114,6 +114,7 @@ def delete_model(session: Session, store: ArtifactStore, *, model_id: str, user:
     if model_in_use(session, model.id):
         raise Conflict("a queued or running job uses this model; cancel it first", code="model_in_use")
     sha = model.sha256
+    idempotency.forget_resource(session, owner_id=model.owner_id, scope="models", resource_id=model.id)
     session.delete(model)
     session.flush()
     release_blob(session, store, sha)

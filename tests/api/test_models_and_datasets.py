@@ -119,7 +119,9 @@ def test_download_etag_and_range(client, alice) -> None:
     r = client.get(f"/v1/models/{m['id']}/download", headers={**alice, "Range": "bytes=0-99"})
     assert r.status_code == 206 and r.content == digits_onnx_bytes()[:100]
     r = client.get(f"/v1/models/{m['id']}/download", headers={**alice, "Range": "bytes=99999999-"})
-    assert r.status_code == 416
+    assert r.status_code == 416 and r.json()["error"]["code"] == "range_not_satisfiable"
+    r = client.get(f"/v1/models/{m['id']}/download", headers={**alice, "Range": "pages=1-2"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_range"
 
 
 def test_upload_limit_is_counted_while_streaming(client, alice) -> None:
