@@ -82,6 +82,7 @@ def worker_cmd(
         raise RuntimeError("torch was imported in the worker's parent process")
     from app.config import get_settings
     from app.observability import configure_logging
+    from app.queue import queue_name
     from worker.celery_app import celery_app
 
     settings = get_settings()
@@ -93,7 +94,7 @@ def worker_cmd(
     celery_app.worker_main(
         [
             "worker",
-            f"--queues={','.join(wanted)}",
+            f"--queues={','.join(queue_name(q, settings) for q in wanted)}",
             f"--concurrency={concurrency}",
             f"--loglevel={loglevel}",
             "--pool=prefork",

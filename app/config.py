@@ -23,6 +23,11 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     data_dir: Path = Field(Path("var"), description="Root of everything the embedded mode keeps on disk.")
     database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite at DATA_DIR/squeeze.db.")
+    queue_prefix: str = Field(
+        "",
+        pattern=r"^[A-Za-z0-9._-]{0,64}$",
+        description="Prefix of the queue names, for deployments sharing a broker.",
+    )
     broker_url: str = Field("", description="Celery broker; empty means kombu's filesystem transport in DATA_DIR.")
     storage_dir: Path | None = Field(None, description="Content-addressed blob store; default DATA_DIR/blobs.")
     work_dir: Path | None = Field(None, description="Workers' scratch space; default DATA_DIR/work.")

@@ -150,7 +150,7 @@ class StateCollector:
 
 
 def queue_depths() -> dict[str, int]:
-    from app.queue import QUEUES, get_celery
+    from app.queue import QUEUES, get_celery, queue_name
 
     out: dict[str, int] = {}
     try:
@@ -158,7 +158,7 @@ def queue_depths() -> dict[str, int]:
             channel = conn.default_channel
             for q in QUEUES:
                 try:
-                    out[q] = channel.queue_declare(queue=q, passive=True).message_count
+                    out[q] = channel.queue_declare(queue=queue_name(q), passive=True).message_count
                 except Exception:
                     out[q] = 0
     except Exception:

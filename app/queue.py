@@ -17,6 +17,11 @@ RUN_JOB_TASK = "squeeze.run_job"
 QUEUES = ("cpu", "gpu")
 
 
+def queue_name(logical: str, settings: Settings | None = None) -> str:
+    """The broker's name for a logical queue ("cpu", "gpu"): with the deployment's prefix."""
+    return (settings or get_settings()).queue_prefix + logical
+
+
 def make_celery(settings: Settings) -> Celery:
     broker = settings.resolved_broker_url
     app = Celery("squeeze", broker=broker)
@@ -53,7 +58,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_enable_soft_shutdown_on_idle=False,
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
-        task_default_queue="cpu",
+        task_default_queue=queue_name("cpu", settings),
         task_create_missing_queues=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -72,7 +77,11 @@ def enqueue_job(job_id: str, queue: str) -> None:
     from app.observability import request_id_var
 
     get_celery().send_task(
-        RUN_JOB_TASK, args=[job_id], kwargs={"request_id": request_id_var.get()}, queue=queue, task_id=job_id
+        RUN_JOB_TASK,
+        args=[job_id],
+        kwargs={"request_id": request_id_var.get()},
+        queue=queue_name(queue),
+        task_id=job_id,
     )
 
 

@@ -19,6 +19,15 @@ from fastapi.testclient import TestClient
 
 PG_SERVER = os.environ.get("SQUEEZE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 REDIS_URL = os.environ.get("SQUEEZE_TEST_REDIS", "redis://127.0.0.1:6379/14")
+# Queues of this test session only: several sessions (or a developer's server) may share the Redis database.
+QUEUE_PREFIX = f"test-{uuid.uuid4().hex[:8]}."
+
+
+def queue_key(logical: str) -> str:
+    """The Redis list holding a logical queue's messages in this test session."""
+    return QUEUE_PREFIX + logical
+
+
 TABLES = ("artifacts", "compression_jobs", "model_uploads", "dataset_uploads", "blobs", "api_keys", "users")
 
 
@@ -31,6 +40,13 @@ def _reset_caches() -> None:
         get_engine().dispose()
     for f in (get_settings, get_engine, get_sessionmaker, get_celery):
         f.cache_clear()
+
+
+def _drop_queues() -> None:
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(f"{QUEUE_PREFIX}*"))
+    if keys:
+        r.delete(*keys)
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +68,10 @@ def service_env(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> I
         "SQUEEZE_DATABASE_URL": pg_database,
         "SQUEEZE_BROKER_URL": REDIS_URL,
         "SQUEEZE_DATA_DIR": str(data_dir),
+        "SQUEEZE_QUEUE_PREFIX": QUEUE_PREFIX,
     }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    redis.Redis.from_url(REDIS_URL).flushdb()
     _reset_caches()
     from app.migrate import upgrade_database
 
@@ -78,7 +94,7 @@ def clean_db(service_env: dict[str, str]) -> Iterator[None]:
     yield
     with get_engine().begin() as conn:
         conn.execute(text(f"TRUNCATE {', '.join(TABLES)} CASCADE"))
-    redis.Redis.from_url(REDIS_URL).flushdb()
+    _drop_queues()
     # The blob store goes with the rows that referenced it.
     blobs = Path(service_env["SQUEEZE_DATA_DIR"]) / "blobs"
     for child in blobs.iterdir() if blobs.exists() else []:

@@ -30,6 +30,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from app.blobs import is_referenced, register_blob
 from app.config import get_settings
 from app.db import session_scope
+from app.jobs.events import add_event
 from app.jobs.spec import JobSpec
 from app.storage import get_store
 from app.tables import Artifact, CompressionJob, DatasetUpload, ModelUpload, utcnow
@@ -103,6 +104,7 @@ def claim(job_id: str, worker: str) -> Claim:
             job = s.get(CompressionJob, job_id)
             if job is not None and job.started_at is None:
                 job.started_at = utcnow()
+            add_event(s, job_id, "state", status="running", attempt=int(res[0]), worker=worker[:256])
             return Claim("claimed", int(res[0]))
 
     return with_db_retry(_do)
@@ -139,18 +141,17 @@ class Heartbeat:
 
 
 def fail_job(job_id: str, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+    error = {"code": code, "message": message[:4000], "details": details or {}}
+
     def _do() -> None:
         with session_scope() as s:
-            s.execute(
+            failed = s.execute(
                 update(CompressionJob)
                 .where(CompressionJob.id == job_id, CompressionJob.status.in_(("queued", "running")))
-                .values(
-                    status="failed",
-                    stage="failed",
-                    finished_at=utcnow(),
-                    error={"code": code, "message": message[:4000], "details": details or {}},
-                )
-            )
+                .values(status="failed", stage="failed", finished_at=utcnow(), error=error)
+            ).rowcount
+            if failed:
+                add_event(s, job_id, "state", status="failed", error=error)
 
     with_db_retry(_do)
 
@@ -168,17 +169,18 @@ class ProgressReporter:
             return
         self._last, self._stage = now, stage
 
+        progress = round(min(max(fraction, 0.0), 1.0), 4)
+
         def _do() -> int:
             with session_scope() as s:
-                return s.execute(
+                n = s.execute(
                     update(CompressionJob)
                     .where(CompressionJob.id == self.job_id, CompressionJob.status == "running")
-                    .values(
-                        progress=round(min(max(fraction, 0.0), 1.0), 4),
-                        stage=stage[:64],
-                        heartbeat_at=utcnow(),
-                    )
+                    .values(progress=progress, stage=stage[:64], heartbeat_at=utcnow())
                 ).rowcount
+                if n:
+                    add_event(s, self.job_id, "progress", progress=progress, stage=stage[:64])
+                return n
 
         if with_db_retry(_do) == 0:
             raise JobCancelled(self.job_id)
@@ -357,6 +359,9 @@ def _run(job_id: str, workdir: Path) -> None:
             ).rowcount
             if not done:
                 return False
+            for note in result["notes"]:  # the pipeline gathers every step's notes
+                add_event(s, job_id, "log", level="info", message=note)
+            add_event(s, job_id, "state", status="succeeded")
             for kind, fmt, name, sha, size in stored:
                 register_blob(s, sha256=sha, size_bytes=size)
                 s.add(

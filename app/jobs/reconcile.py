@@ -17,6 +17,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.config import Settings
+from app.jobs.events import add_event
 from app.tables import CompressionJob, utcnow
 
 log = logging.getLogger("squeeze.reconcile")
@@ -43,6 +44,8 @@ def find_lost_jobs(session: Session, settings: Settings) -> list[tuple[str, str]
         session.execute(
             update(CompressionJob).where(CompressionJob.id.in_([r[0] for r in rows])).values(enqueued_at=now)
         )
+        for job_id, _queue in rows:
+            add_event(session, job_id, "log", level="warning", message="no worker had the job: sent to the queue again")
     session.commit()
     return rows
 

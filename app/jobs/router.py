@@ -2,11 +2,13 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Body, Depends, Query, status
+from fastapi import APIRouter, Body, Depends, Header, Query, status
+from fastapi.responses import StreamingResponse
 
 from app.deps import CurrentUser, SessionDep, SettingsDep
 from app.idempotency import idempotency_key
 from app.jobs import service
+from app.jobs.events import stream as stream_events
 from app.jobs.schemas import ArtifactPublic, JobPublic, JobsPublic
 from app.jobs.spec import JobSpec
 from app.queue import enqueue_job
@@ -96,6 +98,32 @@ def list_jobs(
 def get_job(job_id: str, session: SessionDep, user: CurrentUser) -> JobPublic:
     """A job's status, progress, stage, metrics (baseline vs result) and artifacts."""
     return to_public(service.get_job(session, job_id=job_id, user=user))
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}, **errors(404)},
+)
+def job_events(
+    job_id: str,
+    session: SessionDep,
+    user: CurrentUser,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+) -> StreamingResponse:
+    """Follow a job live as Server-Sent Events: `state` (queued, running, succeeded, failed, cancelled),
+    `progress` (progress 0..1 and stage) and `log` lines, ending after the final state.
+
+    Reconnect with `Last-Event-ID` to resume exactly after the last event received.
+    """
+    service.get_job(session, job_id=job_id, user=user)  # 404 for unknown or another user's job
+    # isascii: str.isdigit() is also true of '²' and other digits that int() refuses (a 500).
+    after = int(last_event_id) if last_event_id and last_event_id.isascii() and last_event_id.isdigit() else 0
+    return StreamingResponse(
+        stream_events(job_id, after=after, max_seconds=600),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.post("/{job_id}/cancel", responses=errors(404))

@@ -13,6 +13,7 @@ from app import idempotency
 from app.config import Settings
 from app.errors import InvalidSpec, InvalidUpload, NotFound
 from app.jobs.capabilities import method_info
+from app.jobs.events import add_event
 from app.jobs.spec import JobSpec
 from app.pagination import next_cursor, paginate
 from app.quotas import check_job_slots
@@ -117,6 +118,8 @@ def create_job(
         session.flush()
         if idempotency_key and (winner := _remember(session, user, idempotency_key, request_sha, job.id)):
             return winner, False
+        add_event(session, job.id, "log", level="info", message=f"identical to job {earlier.id}: result reused")
+        add_event(session, job.id, "state", status="succeeded", cache_hit=True)
         for art in earlier.artifacts:
             session.add(
                 Artifact(
@@ -136,6 +139,7 @@ def create_job(
     session.flush()
     if idempotency_key and (winner := _remember(session, user, idempotency_key, request_sha, job.id)):
         return winner, False
+    add_event(session, job.id, "state", status="queued", queue=job.queue)
     session.commit()
     return job, True
 
@@ -175,6 +179,7 @@ def cancel_job(session: Session, *, job_id: str, user: User) -> CompressionJob:
         job.stage = "cancelled"
         job.finished_at = utcnow()
         job.error = {"code": "cancelled", "message": "cancelled by the user", "details": {}}
+        add_event(session, job.id, "state", status="cancelled", error=job.error)
         session.commit()
     return job
 

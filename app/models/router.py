@@ -25,7 +25,12 @@ UPLOAD_BODY: dict[str, Any] = {
                     "required": ["file"],
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
-                        "name": {"type": "string", "maxLength": 256},
+                        # Not maxLength: a longer name is cut (app.uploads.display_name), not refused.
+                        "name": {
+                            "type": "string",
+                            "description": "Display name (default: the file name); control characters are dropped "
+                            "and it is cut to 256 characters.",
+                        },
                     },
                 }
             },

@@ -52,9 +52,9 @@ def test_reconciler_resends_lost_jobs_only(job_id, client, alice) -> None:
     # The message of job_id was lost (broker emptied, or the API died after the commit).
     import redis
 
-    from tests.conftest import REDIS_URL
+    from tests.conftest import REDIS_URL, queue_key
 
-    redis.Redis.from_url(REDIS_URL).delete("cpu")
+    redis.Redis.from_url(REDIS_URL).delete(queue_key("cpu"))
     _age(job_id, enqueued_at=settings.requeue_after_s + 1)
     assert reconcile_once(settings) == [job_id]
     assert _queued_ids("cpu") == [job_id]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import redis
 
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, queue_key
 from tests.support.models import digits_npz_bytes, digits_onnx_bytes, digits_pt2_bytes
 
 
@@ -23,7 +23,7 @@ def _queued_ids(queue: str) -> list[str]:
     import json
 
     r = redis.Redis.from_url(REDIS_URL)
-    return [json.loads(m)["headers"]["id"] for m in r.lrange(queue, 0, -1)]
+    return [json.loads(m)["headers"]["id"] for m in r.lrange(queue_key(queue), 0, -1)]
 
 
 def test_submit_records_and_enqueues_the_id_only(client, alice, uploaded) -> None:

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from sqlalchemy import update
 
-from tests.conftest import REDIS_URL
+from tests.conftest import _drop_queues as _empty_broker
 from tests.faults.test_worker_faults import FAST_LEASE, Cluster
 from tests.support.models import digits_npz_bytes, digits_onnx_bytes
 from tests.support.service import Processes, free_port, wait_for, wait_healthy, wait_job
@@ -48,10 +47,10 @@ def test_emptied_broker_and_lost_enqueue_are_recovered(reconciling: Cluster) -> 
     model_id, dataset_id = _upload(reconciling)
     spec = {"model_id": model_id, "dataset_id": dataset_id, "cache": False}
     lost_in_broker = reconciling.client.post("/v1/jobs", json=spec).json()["id"]
-    redis.Redis.from_url(REDIS_URL).flushdb()  # Redis emptied (or restarted without persistence)
+    _empty_broker()  # Redis emptied (or restarted without persistence)
     # An API that crashed between its commit and its enqueue leaves a queued row with no message: the same state.
     never_sent = reconciling.client.post("/v1/jobs", json={**spec, "evaluation": {"batch_size": 8}}).json()["id"]
-    redis.Redis.from_url(REDIS_URL).flushdb()
+    _empty_broker()
     with session_scope() as s:
         s.execute(update(CompressionJob).where(CompressionJob.id == never_sent).values(enqueued_at=None))
     reconciling.start_worker("worker")

@@ -25,7 +25,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from tests.conftest import REDIS_URL
+from tests.conftest import REDIS_URL, queue_key
 from tests.support.models import digits_npz_bytes, digits_onnx_bytes
 from tests.support.routes import api_routes
 from tests.support.service import Processes, create_key, free_port, wait_for, wait_healthy
@@ -693,7 +693,7 @@ def test_keys_never_appear_in_the_server_log(server: Server, clean_db: None) -> 
 
 def _queued() -> dict[str, int]:
     r = redis.Redis.from_url(REDIS_URL)
-    return {q: int(r.llen(q)) for q in ("cpu", "gpu")}
+    return {q: int(r.llen(queue_key(q))) for q in ("cpu", "gpu")}
 
 
 PRUNE = {"op": "prune", "method": "magnitude", "sparsity": 0.5}
