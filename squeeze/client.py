@@ -18,6 +18,7 @@ artifact's sha256 (its ``ETag``) before they get their final name. Errors: ``squ
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -121,14 +122,23 @@ class Job(JobPublic):
         *,
         poll: float = 1.0,
         on_update: Callable[[Job], None] | None = None,
+        events: bool = True,
     ) -> Job:
-        """Poll until the job succeeds, fails or is cancelled, and return it (check ``status``, or call
+        """Wait until the job succeeds, fails or is cancelled, and return it (check ``status``, or call
         ``raise_for_status()``). Raises ``JobTimeout`` after ``timeout`` seconds (the job keeps running).
+
+        Follows the job's Server-Sent Events (resuming with Last-Event-ID after a dropped connection) and falls
+        back to polling every ``poll`` seconds if the stream is unavailable.
 
         ``on_update`` is called after every poll. A few consecutive network errors or 502/503/504 answers are
         ridden out (a server restarting); more raise.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        if events and not self.done and self._follow_events(deadline, on_update):
+            self.refresh()
+            if on_update is not None:
+                on_update(self)
+            return self
         failures = 0
         while True:
             try:
@@ -151,6 +161,30 @@ class Job(JobPublic):
                 time.sleep(min(poll, left))
             else:
                 time.sleep(poll)
+
+    def _follow_events(self, deadline: float | None, on_update: Callable[[Job], None] | None) -> bool:
+        """Apply the job's events until its final state; False if the stream could not be followed to the end."""
+        last_id: str | None = None
+        for _ in range(_MAX_TRANSIENT_FAILURES):
+            try:
+                for event in self.client.events(self.id, last_event_id=last_id, deadline=deadline):
+                    last_id = event["id"]
+                    data = event["data"]
+                    if event["event"] == "progress":
+                        self.progress, self.stage = data["progress"], data["stage"]
+                    elif event["event"] == "state":
+                        self.status = data["status"]
+                    if on_update is not None:
+                        on_update(self)
+                    if self.done:
+                        return True
+            except SqueezeConnectionError:
+                continue  # dropped: resume after the last event seen
+            except SqueezeAPIError:
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobTimeout(self, 0.0)
+        return False
 
     def cancel(self) -> Job:
         """Cancel the job if it is queued or running; returns its new state."""
@@ -180,6 +214,22 @@ class Job(JobPublic):
         """Baseline vs result (size, parameters, sparsity, accuracy, agreement, cosine, latency) with ratios."""
         cache = " (cache hit)" if self.cache_hit else ""
         return ResultTable(self.id, self.status, self.metrics, title=f"{self.id}: {self.status}{cache}")
+
+
+def _parse_sse(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
+    current: dict[str, str] = {}
+    for line in lines:
+        if line == "":
+            if "data" in current:
+                yield {
+                    "id": current.get("id"),
+                    "event": current.get("event", "message"),
+                    "data": json.loads(current["data"]),
+                }
+            current = {}
+        elif not line.startswith(":"):
+            field, _, value = line.partition(":")
+            current[field] = value[1:] if value.startswith(" ") else value
 
 
 class Squeeze:
@@ -303,6 +353,37 @@ class Squeeze:
 
     def get_job(self, job_id: str) -> Job:
         return Job.bind(self._request("GET", f"/v1/jobs/{_seg(job_id)}").json(), self)
+
+    def events(
+        self, job_id: str, *, last_event_id: str | None = None, deadline: float | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The job's Server-Sent Events ({id, event, data}) from after ``last_event_id`` until its final state.
+
+        Raises ``SqueezeConnectionError`` if the connection drops (resume with the last id seen) and stops
+        quietly at ``deadline`` (a ``time.monotonic()`` value). The server sends a keep-alive every 15 s.
+        """
+        headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+        read_timeout = 30.0 if deadline is None else max(0.1, min(30.0, deadline - time.monotonic()))
+        try:
+            with self._http.stream(
+                "GET",
+                f"/v1/jobs/{_seg(job_id)}/events",
+                headers=headers,
+                timeout=httpx.Timeout(10.0, read=read_timeout),
+            ) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise api_error(response)
+                for event in _parse_sse(response.iter_lines()):
+                    yield event
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return
+        except httpx.ReadTimeout:
+            if deadline is not None and time.monotonic() >= deadline - 0.05:
+                return
+            raise SqueezeConnectionError("the event stream stalled") from None
+        except httpx.TransportError as exc:
+            raise SqueezeConnectionError(f"event stream from {self.url} broke: {exc or type(exc).__name__}") from exc
 
     def list_jobs(
         self,

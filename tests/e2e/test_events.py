@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import uuid
+from pathlib import Path
 
 import httpx
 
@@ -62,3 +64,23 @@ def test_events_follow_a_job_to_the_end_and_resume(deployment: Deployment) -> No
 
     other = deployment.client(deployment.new_key(f"sse-other-{uuid.uuid4().hex[:6]}"))
     assert other.get(f"/v1/jobs/{job['id']}/events").status_code == 404
+
+
+def test_python_client_wait_follows_events(deployment: Deployment) -> None:
+    from squeeze.client import Squeeze
+
+    key = deployment.new_key(f"sse-client-{uuid.uuid4().hex[:6]}")
+    with tempfile.TemporaryDirectory() as tmp, Squeeze(deployment.base_url, key) as sq:
+        (Path(tmp) / "m.onnx").write_bytes(digits_onnx_bytes())
+        (Path(tmp) / "d.npz").write_bytes(digits_npz_bytes())
+        m = sq.upload_model(Path(tmp) / "m.onnx")
+        d = sq.upload_dataset(Path(tmp) / "d.npz")
+        spec = {"model_id": m.id, "dataset_id": d.id, "steps": [{"op": "quantize", "method": "int8_static"}]}
+        seen: list[str] = []
+        job = sq.submit_job({**spec, "cache": False}).wait(120, poll=30, on_update=lambda j: seen.append(j.stage))
+        # poll=30 would see at most the first and last state within this job's few seconds: the stages in
+        # between can only have come from the event stream.
+        assert job.status == "succeeded" and job.metrics is not None
+        assert {"baseline", "quantize:int8_static", "evaluate"} <= set(seen)
+        polled = sq.submit_job({**spec, "cache": False}).wait(120, poll=0.2, events=False)
+        assert polled.status == "succeeded"
