@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         ["onnx", "pt2"],
         description="Model formats accepted for upload. Drop 'pt2' where users are not trusted: PyTorch allows "
         "torch.export programs to carry code (Squeeze refuses what it can recognise, and runs jobs confined).",
+    )
+    webhook_secret: SecretStr = Field(
+        SecretStr(""), description="HMAC key that signs webhook calls; webhooks are off while it is empty."
+    )
+    webhook_allowed_urls: list[str] = Field(
+        default_factory=list, description="URL prefixes jobs may name as notify_url (scheme, host, port, path)."
     )
     gpu_enabled: bool = Field(False, description="Accept device=cuda jobs (a worker must serve the gpu queue).")
 

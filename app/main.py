@@ -68,11 +68,16 @@ def make_lifespan(migrate_on_start: bool) -> Callable[[FastAPI], AbstractAsyncCo
             from app.migrate import upgrade_database
 
             upgrade_database()
-        reconciler = asyncio.create_task(reconcile_forever(settings))
+        background = [asyncio.create_task(reconcile_forever(settings))]
+        if settings.webhook_secret.get_secret_value():
+            from app.webhooks import deliver_forever
+
+            background.append(asyncio.create_task(deliver_forever(settings)))
         try:
             yield
         finally:
-            reconciler.cancel()
+            for task in background:
+                task.cancel()
 
     return lifespan
 

@@ -34,6 +34,7 @@ from app.jobs.events import add_event
 from app.jobs.spec import JobSpec
 from app.storage import get_store
 from app.tables import Artifact, CompressionJob, DatasetUpload, ModelUpload, utcnow
+from app.webhooks import queue_delivery
 
 log = logging.getLogger("squeeze.worker")
 T = TypeVar("T")
@@ -152,6 +153,9 @@ def fail_job(job_id: str, code: str, message: str, details: dict[str, Any] | Non
             ).rowcount
             if failed:
                 add_event(s, job_id, "state", status="failed", error=error)
+                job = s.get(CompressionJob, job_id)
+                if job is not None:
+                    queue_delivery(s, job)
 
     with_db_retry(_do)
 
@@ -362,6 +366,9 @@ def _run(job_id: str, workdir: Path) -> None:
             for note in result["notes"]:  # the pipeline gathers every step's notes
                 add_event(s, job_id, "log", level="info", message=note)
             add_event(s, job_id, "state", status="succeeded")
+            job = s.get(CompressionJob, job_id)
+            if job is not None:
+                queue_delivery(s, job)
             for kind, fmt, name, sha, size in stored:
                 register_blob(s, sha256=sha, size_bytes=size)
                 s.add(

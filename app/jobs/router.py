@@ -14,6 +14,7 @@ from app.jobs.spec import JobSpec
 from app.queue import enqueue_job
 from app.responses import errors
 from app.tables import CompressionJob
+from app.webhooks import delivery_view
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -56,6 +57,7 @@ def to_public(job: CompressionJob) -> JobPublic:
             )
             for a in job.artifacts
         ],
+        webhooks=[delivery_view(d) for d in job.webhook_deliveries],
     )
 
 

@@ -18,6 +18,7 @@ from app.jobs.spec import JobSpec
 from app.pagination import next_cursor, paginate
 from app.quotas import check_job_slots
 from app.tables import Artifact, CompressionJob, DatasetUpload, ModelUpload, User, could_be_id, utcnow
+from app.webhooks import check_notify_url, queue_delivery
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -35,6 +36,8 @@ def validate_spec(
     """Everything that can be known before a worker sees the job; raises 404/422 with what to change."""
     model = _owned(session, ModelUpload, spec.model_id, user, "model")
     dataset = _owned(session, DatasetUpload, spec.dataset_id, user, "dataset") if spec.dataset_id else None
+    if spec.notify_url is not None:
+        check_notify_url(spec.notify_url, settings)
     if spec.device == "cuda" and not settings.gpu_enabled:
         raise InvalidSpec("this deployment has no GPU workers: use device 'cpu' or 'auto'", code="device_unavailable")
     if not spec.steps and dataset is None:
@@ -120,6 +123,7 @@ def create_job(
             return winner, False
         add_event(session, job.id, "log", level="info", message=f"identical to job {earlier.id}: result reused")
         add_event(session, job.id, "state", status="succeeded", cache_hit=True)
+        queue_delivery(session, job)
         for art in earlier.artifacts:
             session.add(
                 Artifact(
@@ -180,6 +184,7 @@ def cancel_job(session: Session, *, job_id: str, user: User) -> CompressionJob:
         job.finished_at = utcnow()
         job.error = {"code": "cancelled", "message": "cancelled by the user", "details": {}}
         add_event(session, job.id, "state", status="cancelled", error=job.error)
+        queue_delivery(session, job)
         session.commit()
     return job
 

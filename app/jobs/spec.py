@@ -109,10 +109,15 @@ class JobSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     evaluation: EvalOptions = Field(default_factory=EvalOptions)
     cache: bool = Field(True, description="Return an earlier identical job's result instead of running again.")
+    notify_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="POST the job's final state here (signed; only under URLs an admin allowed).",
+    )
 
     def cache_key(self, model_sha256: str, dataset_sha256: str | None) -> str:
         """Hash of what determines the result: input bytes and the canonical spec (ids and cache flag excluded)."""
-        canonical = self.model_dump(mode="json", exclude={"model_id", "dataset_id", "cache"})
+        canonical = self.model_dump(mode="json", exclude={"model_id", "dataset_id", "cache", "notify_url"})
         payload = json.dumps(
             {"model": model_sha256, "dataset": dataset_sha256, "spec": canonical},
             sort_keys=True,

@@ -142,3 +142,8 @@ def test_pt2_model_accepts_its_methods(client, alice) -> None:
         json={"model_id": m["id"], "steps": [{"op": "quantize", "method": "int8_dynamic"}]},
     )
     assert r.status_code == 202, r.text
+
+
+def test_webhooks_are_refused_while_not_configured(client, alice, uploaded) -> None:
+    r = client.post("/v1/jobs", headers=alice, json={**uploaded, "notify_url": "https://ci.example.com/hook"})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "webhooks_disabled"
