@@ -4,13 +4,16 @@ first one created instead of creating another. Keys are per user and per kind of
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from fastapi import Header
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.blobs import release_blob
 from app.errors import BadRequest, InvalidSpec
+from app.storage import ArtifactStore
 from app.tables import IdempotencyKey, User
 
 _KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
@@ -78,3 +81,27 @@ def forget_resource(session: Session, *, owner_id: str, scope: str, resource_id:
             IdempotencyKey.resource_id == resource_id,
         )
     )
+
+
+def replay_upload(session: Session, *, user: User, scope: str, key: str | None, table: Any) -> Any | None:
+    """The row an earlier upload with this key created (a retry), or None."""
+    if not key:
+        return None
+    earlier = find(session, user=user, scope=scope, key=key, request_sha256=None)
+    return session.get(table, earlier) if earlier is not None else None
+
+
+def commit_upload(
+    session: Session, store: ArtifactStore, *, user: User, scope: str, key: str | None, row: Any, sha256: str
+) -> Any:
+    """Commit a new upload's row; if a concurrent retry with the same key won, drop ours and return its row."""
+    session.add(row)
+    session.flush()
+    if key:
+        winner = remember(session, user=user, scope=scope, key=key, request_sha256=None, resource_id=row.id)
+        if winner != row.id:
+            session.rollback()
+            release_blob(session, store, sha256)
+            return session.get(type(row), winner)
+    session.commit()
+    return row

@@ -5,10 +5,11 @@ from fastapi.responses import FileResponse
 
 from app.deps import CurrentUser, SessionDep, StoreDep
 from app.downloads import file_download
-from app.errors import NotFound, ServiceUnavailable
+from app.errors import ServiceUnavailable
 from app.jobs.router import ArtifactPublic
+from app.ownership import get_owned
 from app.responses import errors
-from app.tables import Artifact, User, could_be_id
+from app.tables import Artifact, User
 
 router = APIRouter(prefix="/v1/artifacts", tags=["artifacts"])
 
@@ -16,10 +17,7 @@ MEDIA_TYPES = {"json": "application/json", "md": "text/markdown; charset=utf-8"}
 
 
 def _get(session: SessionDep, artifact_id: str, user: User) -> Artifact:
-    art = session.get(Artifact, artifact_id) if could_be_id(artifact_id) else None
-    if art is None or (art.owner_id != user.id and not user.is_admin):
-        raise NotFound(f"artifact {artifact_id!r} not found", code="artifact_not_found")
-    return art
+    return get_owned(session, Artifact, artifact_id, user, "artifact")
 
 
 @router.get("/{artifact_id}", responses=errors(404))

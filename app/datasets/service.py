@@ -6,18 +6,17 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Request
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import idempotency
 from app.blobs import register_blob, release_blob
 from app.config import Settings
-from app.errors import Conflict, NotFound
+from app.errors import Conflict
 from app.models.service import as_json
-from app.pagination import next_cursor, paginate
+from app.ownership import get_owned, list_owned
 from app.quotas import upload_allowance
 from app.storage import ArtifactStore
-from app.tables import DatasetUpload, User, could_be_id
+from app.tables import DatasetUpload, User
 from app.uploads import store_upload
 
 
@@ -36,10 +35,9 @@ async def upload_dataset(
     user: User,
     idempotency_key: str | None = None,
 ) -> DatasetUpload:
-    if idempotency_key:
-        earlier = idempotency.find(session, user=user, scope="datasets", key=idempotency_key, request_sha256=None)
-        if earlier is not None and (row := session.get(DatasetUpload, earlier)) is not None:
-            return row  # a retry: the first request's upload, without storing the body again
+    earlier = idempotency.replay_upload(session, user=user, scope="datasets", key=idempotency_key, table=DatasetUpload)
+    if earlier is not None:
+        return earlier  # a retry: the first request's upload, without storing the body again
     limit, quota_bound = upload_allowance(session, settings, user)
     received, sha, info = await store_upload(request, store, limit, _inspect, quota_bound=quota_bound)
     register_blob(session, sha256=sha, size_bytes=received.writer.size)
@@ -52,34 +50,19 @@ async def upload_dataset(
         arrays=info["arrays"],
         has_labels=info["has_labels"],
     )
-    session.add(dataset)
-    session.flush()
-    if idempotency_key:
-        winner = idempotency.remember(
-            session, user=user, scope="datasets", key=idempotency_key, request_sha256=None, resource_id=dataset.id
-        )
-        if winner != dataset.id:  # a concurrent retry with the same key got there first
-            session.rollback()
-            release_blob(session, store, sha)
-            return session.get(DatasetUpload, winner)
-    session.commit()
-    return dataset
+    return idempotency.commit_upload(
+        session, store, user=user, scope="datasets", key=idempotency_key, row=dataset, sha256=sha
+    )
 
 
 def get_dataset(session: Session, *, dataset_id: str, user: User) -> DatasetUpload:
-    dataset = session.get(DatasetUpload, dataset_id) if could_be_id(dataset_id) else None
-    if dataset is None or (dataset.owner_id != user.id and not user.is_admin):
-        raise NotFound(f"dataset {dataset_id!r} not found", code="dataset_not_found")
-    return dataset
+    return get_owned(session, DatasetUpload, dataset_id, user, "dataset")
 
 
 def list_datasets(
     session: Session, *, user: User, limit: int, cursor: str | None
 ) -> tuple[list[DatasetUpload], str | None]:
-    stmt = select(DatasetUpload)
-    if not user.is_admin:
-        stmt = stmt.where(DatasetUpload.owner_id == user.id)
-    return next_cursor(list(session.scalars(paginate(stmt, DatasetUpload, limit=limit, cursor=cursor))), limit)
+    return list_owned(session, DatasetUpload, user=user, limit=limit, cursor=cursor)
 
 
 def delete_dataset(session: Session, store: ArtifactStore, *, dataset_id: str, user: User) -> None:

@@ -11,31 +11,24 @@ from sqlalchemy.orm import Session
 
 from app import idempotency
 from app.config import Settings
-from app.errors import InvalidSpec, InvalidUpload, NotFound
+from app.errors import InvalidSpec, InvalidUpload
 from app.jobs.capabilities import method_info
 from app.jobs.events import add_event
 from app.jobs.spec import JobSpec
-from app.pagination import next_cursor, paginate
+from app.ownership import get_owned, list_owned
 from app.quotas import check_job_slots
-from app.tables import Artifact, CompressionJob, DatasetUpload, ModelUpload, User, could_be_id, utcnow
+from app.tables import Artifact, CompressionJob, DatasetUpload, ModelUpload, User, utcnow
 from app.webhooks import check_notify_url, queue_delivery
 
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def _owned(session: Session, table: Any, row_id: str, user: User, what: str) -> Any:
-    row = session.get(table, row_id) if could_be_id(row_id) else None
-    if row is None or (row.owner_id != user.id and not user.is_admin):
-        raise NotFound(f"{what} {row_id!r} not found", code=f"{what}_not_found")
-    return row
 
 
 def validate_spec(
     session: Session, settings: Settings, *, spec: JobSpec, user: User
 ) -> tuple[ModelUpload, DatasetUpload | None]:
     """Everything that can be known before a worker sees the job; raises 404/422 with what to change."""
-    model = _owned(session, ModelUpload, spec.model_id, user, "model")
-    dataset = _owned(session, DatasetUpload, spec.dataset_id, user, "dataset") if spec.dataset_id else None
+    model = get_owned(session, ModelUpload, spec.model_id, user, "model")
+    dataset = get_owned(session, DatasetUpload, spec.dataset_id, user, "dataset") if spec.dataset_id else None
     if spec.notify_url is not None:
         check_notify_url(spec.notify_url, settings)
     if spec.device == "cuda" and not settings.gpu_enabled:
@@ -160,19 +153,14 @@ def _remember(session: Session, user: User, key: str, request_sha: str, job_id: 
 
 
 def get_job(session: Session, *, job_id: str, user: User) -> CompressionJob:
-    return _owned(session, CompressionJob, job_id, user, "job")
+    return get_owned(session, CompressionJob, job_id, user, "job")
 
 
 def list_jobs(
     session: Session, *, user: User, status: str | None, limit: int, cursor: str | None
 ) -> tuple[list[CompressionJob], str | None]:
-    stmt = select(CompressionJob)
-    if not user.is_admin:
-        stmt = stmt.where(CompressionJob.owner_id == user.id)
-    if status:
-        stmt = stmt.where(CompressionJob.status == status)
-    rows = list(session.scalars(paginate(stmt, CompressionJob, limit=limit, cursor=cursor)))
-    return next_cursor(rows, limit)
+    where = (CompressionJob.status == status,) if status else ()
+    return list_owned(session, CompressionJob, user=user, limit=limit, cursor=cursor, where=where)
 
 
 def cancel_job(session: Session, *, job_id: str, user: User) -> CompressionJob:

@@ -9,17 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Request
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import idempotency
 from app.blobs import register_blob, release_blob
 from app.config import Settings
-from app.errors import Conflict, InvalidUpload, NotFound
-from app.pagination import next_cursor, paginate
+from app.errors import Conflict, InvalidUpload
+from app.ownership import get_owned, list_owned
 from app.quotas import upload_allowance
 from app.storage import ArtifactStore
-from app.tables import ModelUpload, User, could_be_id
+from app.tables import ModelUpload, User
 from app.uploads import store_upload
 
 
@@ -57,10 +56,9 @@ async def upload_model(
 ) -> ModelUpload:
     """Stream the upload into storage, detect its format from the content, record it."""
     settings.resolved_work_dir.mkdir(parents=True, exist_ok=True)
-    if idempotency_key:
-        earlier = idempotency.find(session, user=user, scope="models", key=idempotency_key, request_sha256=None)
-        if earlier is not None and (row := session.get(ModelUpload, earlier)) is not None:
-            return row  # a retry: the first request's upload, without storing the body again
+    earlier = idempotency.replay_upload(session, user=user, scope="models", key=idempotency_key, table=ModelUpload)
+    if earlier is not None:
+        return earlier  # a retry: the first request's upload, without storing the body again
     limit, quota_bound = upload_allowance(session, settings, user)
     received, sha, info = await store_upload(
         request, store, limit, lambda p: _inspect(settings, p), quota_bound=quota_bound
@@ -76,34 +74,19 @@ async def upload_model(
         size_bytes=received.writer.size,
         inspection=info,
     )
-    session.add(model)
-    session.flush()
-    if idempotency_key:
-        winner = idempotency.remember(
-            session, user=user, scope="models", key=idempotency_key, request_sha256=None, resource_id=model.id
-        )
-        if winner != model.id:  # a concurrent retry with the same key got there first
-            session.rollback()
-            release_blob(session, store, sha)
-            return session.get(ModelUpload, winner)
-    session.commit()
-    return model
+    return idempotency.commit_upload(
+        session, store, user=user, scope="models", key=idempotency_key, row=model, sha256=sha
+    )
 
 
 def get_model(session: Session, *, model_id: str, user: User) -> ModelUpload:
-    model = session.get(ModelUpload, model_id) if could_be_id(model_id) else None
-    if model is None or (model.owner_id != user.id and not user.is_admin):
-        raise NotFound(f"model {model_id!r} not found", code="model_not_found")
-    return model
+    return get_owned(session, ModelUpload, model_id, user, "model")
 
 
 def list_models(
     session: Session, *, user: User, limit: int, cursor: str | None
 ) -> tuple[list[ModelUpload], str | None]:
-    stmt = select(ModelUpload)
-    if not user.is_admin:
-        stmt = stmt.where(ModelUpload.owner_id == user.id)
-    return next_cursor(list(session.scalars(paginate(stmt, ModelUpload, limit=limit, cursor=cursor))), limit)
+    return list_owned(session, ModelUpload, user=user, limit=limit, cursor=cursor)
 
 
 def delete_model(session: Session, store: ArtifactStore, *, model_id: str, user: User) -> None:
