@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
@@ -18,6 +19,8 @@ from typing import BinaryIO, Protocol
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1024 * 1024
+PARALLEL_HASH_MIN = 64 * 1024
+_HASHER = ThreadPoolExecutor(max_workers=4, thread_name_prefix="blob-hash")
 
 
 class BlobWriter(Protocol):
@@ -52,8 +55,15 @@ class LocalBlobWriter:
         self._done = False
 
     def write(self, chunk: bytes) -> None:
-        self._file.write(chunk)
-        self._hash.update(chunk)
+        if len(chunk) >= PARALLEL_HASH_MIN:
+            # hashlib and file writes both release the GIL on large buffers: hash on another core while this
+            # thread writes. Waiting for each chunk keeps the hash in order and bounds memory to one chunk.
+            hashed = _HASHER.submit(self._hash.update, chunk)
+            self._file.write(chunk)
+            hashed.result()
+        else:
+            self._file.write(chunk)
+            self._hash.update(chunk)
         self.size += len(chunk)
 
     def flush(self) -> None:
