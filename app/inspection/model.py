@@ -18,6 +18,7 @@ from app.inspection.archive import (
 from app.inspection.onnx_model import inspect_onnx
 from app.inspection.pickle_scan import PICKLE_REFUSAL, looks_like_pickle, parses_as_pickle
 from app.inspection.pt2 import inspect_pt2, is_pt2_layout
+from app.inspection.safetensors_header import looks_like_safetensors, read_safetensors_header
 from app.inspection.schemas import ACCEPTED_MODELS, ModelInspection
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
@@ -48,7 +49,7 @@ def inspect_model(
     if size == 0:
         raise InvalidUpload(f"The model file is empty. Accepted: {ACCEPTED_MODELS}.", code="invalid_model")
     with path.open("rb") as fp:
-        head = fp.read(8)
+        head = fp.read(16)
     if head.startswith(_ZIP_MAGIC):
         return _inspect_zip(
             path,
@@ -61,6 +62,13 @@ def inspect_model(
         )
     if looks_like_pickle(head):
         raise _pickle_refused()
+    if looks_like_safetensors(head, size):
+        tensors = read_safetensors_header(path)  # refuses hostile headers with invalid_safetensors
+        raise InvalidUpload(
+            f"This safetensors file holds {len(tensors)} weight tensors but not the network that uses them. "
+            f"Accepted: {ACCEPTED_MODELS}.",
+            code="weights_without_architecture",
+        )
     if head.startswith(b"\x93NUMPY"):
         raise InvalidUpload(
             f"This is a NumPy array, not a model. Accepted: {ACCEPTED_MODELS}.", code="unsupported_format"
