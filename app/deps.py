@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.auth.service import authenticate
 from app.config import Settings, get_settings
-from app.db import get_sessionmaker
+from app.db import SESSION_SLOTS, get_sessionmaker
 from app.errors import Unauthorized
 from app.storage import LocalArtifactStore, get_store
 from app.tables import User
@@ -24,7 +24,13 @@ def get_session() -> Iterator[Session]:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# A request checks a connection out in one thread-pool step (the key check) and holds it until its session
+# closes, waiting for a thread between steps. Once more requests held connections than the pool had, every thread
+# could be blocked in the pool's checkout while the holders waited for a thread: nothing moved until the pool
+# timeout (30 s), then 500s (200 clients polling jobs were enough). So at most SESSION_SLOTS requests have a
+# session at once (the others wait in the event loop, holding neither a thread nor a connection), and the session
+# closes when the route function returns, not after a download or an event stream has been sent.
+SessionDep = Annotated[Session, Depends(get_session, scope="function", max_concurrency=SESSION_SLOTS)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 

@@ -6,9 +6,10 @@ never imported by pytest.
   ``ST_SQUEEZE_MODEL`` / ``ST_SQUEEZE_DATASET``), in multipart bodies (other form fields still generated) and raw
   octet-stream bodies alike: uploads are then stored, and the stateful phase follows the new ids to GET, download
   and DELETE.
-- Job specs: half of those with a well-formed ``model_id`` (and ``dataset_id``, when one is sent) get the id of a
-  model (dataset) uploaded earlier in the run instead, so that submission gets past "not found" to the checks of
-  spec against model and to 202. Only valid ids are swapped for valid ids: a negative case stays negative.
+- Job specs: half of those with a well-formed ``model_id`` get the id of a model uploaded earlier in the run
+  instead, and of a dataset (unless they carry a malformed ``dataset_id``), so that submission gets past "not
+  found" to the checks of spec against model and to 202. Only valid ids go in, for valid or absent ones: a
+  negative case stays negative.
   The test uploads a model and a dataset before the run for this (fuzzing may reach POST /v1/jobs before any
   upload); schemathesis finds their ids in listings too, so cases that would DELETE those two are dropped.
 - A retried upload (same ``Idempotency-Key``) gets the first upload back without its body being read, as
@@ -89,7 +90,8 @@ def _with_uploaded_ids(body: Any) -> st.SearchStrategy[Any]:
         models, datasets = list(_uploaded["/v1/models"]), list(_uploaded["/v1/datasets"])
     if not (isinstance(body, dict) and _valid_id(body.get("model_id")) and models):
         return st.just(body)
-    swap_dataset = _valid_id(body.get("dataset_id")) and datasets
+    # A dataset too, unless the body carries an invalid dataset_id (its violation must stay): most steps need one.
+    swap_dataset = bool(datasets) and (body.get("dataset_id") is None or _valid_id(body.get("dataset_id")))
     real = st.builds(
         lambda m, d: {**body, "model_id": m, **({"dataset_id": d} if swap_dataset else {})},
         st.sampled_from(models),

@@ -38,8 +38,9 @@ MAX_EXAMPLES = int(os.environ.get("SQUEEZE_SCHEMATHESIS_EXAMPLES", "40"))
 RUN_TIMEOUT_S = 240
 UPLOADS = ("/v1/models", "/v1/datasets")
 
-# schemathesis.toml. Every check stays on; the only change is which statuses positive_data_acceptance (ST202)
-# accepts for a schema-valid request, where validity depends on something a schema cannot express:
+# schemathesis.toml. Every check stays on. What is relaxed: here, which statuses positive_data_acceptance (ST202)
+# accepts for a schema-valid request where validity depends on something a schema cannot express; in
+# schemathesis_hooks.py, two kinds of ST201 that are not the API's (an idempotent replay, types in form fields).
 CONFIG = """
 # A job's event stream (GET /v1/jobs/{id}/events) lasts until the job ends, and no worker runs here: read the
 # first event, then stop.
@@ -99,6 +100,9 @@ def test_api_conforms_to_its_openapi_schema(service_env: dict[str, str], clean_d
             "--checks=all",
             f"--max-examples={MAX_EXAMPLES}",
             "--workers=1",
+            # The hooks drop DELETEs aimed at the seeded model and dataset; when the stateful phase keeps linking
+            # to them, Hypothesis reports "too many examples filtered". That is about generation, not the server.
+            "--suppress-health-check=filter_too_much",
             "--no-color",
             "--header",
             f"Authorization: Bearer {key}",
@@ -111,7 +115,7 @@ def test_api_conforms_to_its_openapi_schema(service_env: dict[str, str], clean_d
 
     output = run.stdout + run.stderr
     api_log = procs.log("api")
-    assert run.returncode == 0, f"schemathesis failed:\n{output[-15000:]}\n--- API log (end) ---\n{api_log[-4000:]}"
+    assert run.returncode == 0, failure_report(output, api_log)
 
     calls = [json.loads(line) for line in calls_log.read_text().splitlines()]
     seen = Counter((c["method"], c["path"], c["media_type"], c["status"]) for c in calls)
@@ -128,3 +132,14 @@ def test_api_conforms_to_its_openapi_schema(service_env: dict[str, str], clean_d
         assert any(c["path"] == path and c["method"] == "POST" and c["status"] == 422 for c in calls), path
         assert any(c["path"] == f"{path}/{{{path[4:-1]}_id}}/download" and c["status"] == 200 for c in calls), path
     assert any(c["path"] == "/v1/jobs" and c["method"] == "POST" and c["status"] == 202 for c in calls)
+
+
+def failure_report(output: str, api_log: str) -> str:
+    """Schemathesis's failures (from its first failure heading) and summary, and the API's tracebacks."""
+    start = output.find("_" * 10)
+    failures = output[start if start >= 0 else 0 :]
+    if len(failures) > 16000:
+        failures = failures[:12000] + "\n[...]\n" + failures[-4000:]
+    tracebacks = [line for line in api_log.splitlines() if "Traceback" in line][-3:]
+    api = "\n".join(t[-3000:] for t in tracebacks)
+    return f"schemathesis failed:\n{failures}\n--- API tracebacks (last 3) ---\n{api}"
