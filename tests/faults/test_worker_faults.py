@@ -141,6 +141,20 @@ def test_time_limit_fails_the_job_with_timeout_and_cleans_up(cluster: Cluster, s
     assert job["status"] == "failed" and job["error"]["code"] == "timeout", job["error"]
     work = Path(service_env["SQUEEZE_DATA_DIR"]) / "work"
     assert not [p for p in work.iterdir() if p.name.startswith(job_id)]
+    # The confined pipeline process of that job is gone too (it ran with its cwd in the job's scratch folder).
+    wait_for(lambda: not _pipelines_in(work / job_id), timeout=15, what="the job's pipeline process to exit")
+
+
+def _pipelines_in(prefix: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if os.readlink(proc / "cwd").startswith(str(prefix)):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
 
 
 def test_out_of_memory_fails_once_with_a_clear_error(cluster: Cluster) -> None:

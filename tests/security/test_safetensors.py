@@ -48,3 +48,23 @@ def test_hostile_headers_get_a_clean_422_quickly(client, alice, case: str) -> No
     assert time.perf_counter() - started < 2.0
     assert r.status_code == 422, (case, r.text)
     assert r.json()["error"]["code"] == "invalid_safetensors", case
+
+
+def test_tar_archives_are_refused_whole_and_nothing_is_extracted(client, alice, data_dir) -> None:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name in ("../escaped.onnx", "/tmp/absolute.onnx", "model.onnx"):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"onnx"))
+        link = tarfile.TarInfo("link")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        tar.addfile(link)
+    r = client.post("/v1/models", headers=alice, files={"file": ("model.tar", buf.getvalue())})
+    assert r.status_code == 422 and r.json()["error"]["code"] in {"unsupported_format", "invalid_model"}
+    assert not (data_dir.parent / "escaped.onnx").exists() and not list(data_dir.rglob("escaped.onnx"))
+    assert not list(data_dir.rglob("absolute.onnx"))
