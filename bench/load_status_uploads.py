@@ -4,7 +4,7 @@
     .venv/bin/python bench/load_status_uploads.py --pollers 50 --uploads 4 --size-mb 32   # quicker
 
 What runs: `squeeze serve --no-worker` (uvicorn in that very process) on a fresh PostgreSQL database
-(squeeze_bench_<random>, dropped at the end) with Redis as the broker (db 13) and its blob store in a temporary
+(squeeze_bench_<random>, dropped at the end) with Redis as the broker (a free database the run claims) and its blob store in a temporary
 folder. A small model (the digits CNN) and dataset are uploaded and `--jobs` jobs submitted; no worker runs, so
 they stay queued and every poll reads a live job row.
 
@@ -32,7 +32,7 @@ the aggregate (all bytes over the upload window; MB = 10^6 bytes); errors. Clien
 
 Targets: zero errors (every poll 200 with its job, every upload 201); every sha256 triple equal.
 Exit status 1 if one is missed (--no-check: 0). Needs PostgreSQL at 127.0.0.1:5432 (user postgres, trust) and
-Redis at 127.0.0.1:6379 (db 13 is emptied: it is the benchmarks' own).
+Redis at 127.0.0.1:6379 (the run claims an empty database and empties only that one).
 """
 
 from __future__ import annotations
