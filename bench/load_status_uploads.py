@@ -5,8 +5,8 @@
 
 What runs: `squeeze serve --no-worker` (uvicorn in that very process) on a fresh PostgreSQL database
 (squeeze_bench_<random>, dropped at the end) with Redis as the broker (a free database the run claims)
-and its blob store in a temporary folder. A small model (the digits CNN) and dataset are uploaded and `--jobs` jobs submitted; no worker runs, so
-they stay queued and every poll reads a live job row.
+and its blob store in a temporary folder. A small model (the digits CNN) and dataset are uploaded and
+`--jobs` jobs submitted; no worker runs, so they stay queued and every poll reads a live job row.
 
 The uploads are real datasets, so that the API inspects and stores them: each file is an uncompressed `.npz`
 holding one float32 array `input` of shape (N, 1, 8, 8) filled by numpy's random generator (a different seed per
