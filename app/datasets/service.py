@@ -12,7 +12,6 @@ from app import idempotency
 from app.blobs import register_blob, release_blob
 from app.config import Settings
 from app.errors import Conflict
-from app.models.service import as_json
 from app.ownership import get_owned, list_owned
 from app.quotas import upload_allowance
 from app.storage import ArtifactStore
@@ -23,7 +22,7 @@ from app.uploads import store_upload
 def _inspect(path: Path) -> dict[str, Any]:
     from app.inspection import inspect_dataset
 
-    return as_json(inspect_dataset(path))
+    return inspect_dataset(path).model_dump(mode="json")
 
 
 async def upload_dataset(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,18 +21,12 @@ from app.tables import ModelUpload, User
 from app.uploads import store_upload
 
 
-def as_json(obj: Any) -> dict[str, Any]:
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return asdict(obj)
-    return obj.model_dump(mode="json")
-
-
 def _inspect(settings: Settings, path: Path) -> dict[str, Any]:
     from app.inspection import inspect_model
 
     workdir = Path(tempfile.mkdtemp(prefix="inspect-", dir=settings.resolved_work_dir))
     try:
-        info = as_json(inspect_model(path, workdir))
+        info = inspect_model(path, workdir).model_dump(mode="json")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if info["format"] not in settings.allowed_formats:
