@@ -11,11 +11,13 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 CHUNK = 1024 * 1024
@@ -35,6 +37,12 @@ class BlobWriter(Protocol):
     def abort(self) -> None: ...
 
 
+class StoredBlob(NamedTuple):
+    sha256: str
+    size_bytes: int
+    modified_at: datetime  # last written, or last found already stored by a writer (see ``delete_unused``)
+
+
 class ArtifactStore(Protocol):
     def writer(self) -> BlobWriter: ...
     def put_file(self, path: Path) -> tuple[str, int]: ...
@@ -43,6 +51,8 @@ class ArtifactStore(Protocol):
     def delete(self, sha256: str) -> None: ...
     def verify(self, sha256: str) -> bool: ...
     def check(self) -> None: ...
+    def iter_blobs(self) -> Iterator[StoredBlob]: ...
+    def delete_unused(self, sha256: str, *, modified_before: datetime, unused: Callable[[], bool]) -> bool: ...
 
 
 class LocalBlobWriter:
@@ -77,7 +87,7 @@ class LocalBlobWriter:
         self._file.close()
         final = self._store.path_for(sha)
         final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists() and final.stat().st_size == self.size:
+        if _refresh(final, self.size):
             self.temp_path.unlink(missing_ok=True)
         else:
             os.replace(self.temp_path, final)
@@ -148,6 +158,56 @@ class LocalArtifactStore:
 
     def disk_free(self) -> int:
         return shutil.disk_usage(self.root).free
+
+    def iter_blobs(self) -> Iterator[StoredBlob]:
+        """Every committed blob (``ab/cd/<sha256>``); uploads in progress (in ``tmp``) are not blobs yet."""
+        for top in _subdirs(self.root, 2):
+            for mid in _subdirs(top, 2):
+                for entry in os.scandir(mid):
+                    if _SHA256.match(entry.name) and entry.name[:2] == top.name and entry.name[2:4] == mid.name:
+                        st = entry.stat()
+                        yield StoredBlob(entry.name, st.st_size, datetime.fromtimestamp(st.st_mtime, UTC))
+
+    def delete_unused(self, sha256: str, *, modified_before: datetime, unused: Callable[[], bool]) -> bool:
+        """Delete a blob if it was last written before ``modified_before`` and ``unused()`` still says so.
+
+        The blob is first moved aside, then checked: a writer committing the same bytes meanwhile either found it
+        in place and refreshed its mtime (so it is put back) or found it gone and stored its own copy. ``unused``
+        is asked after the move, so a row committed meanwhile keeps it too.
+        """
+        path = self.path_for(sha256)
+        aside = self.tmp_dir / f"gc-{sha256}-{uuid.uuid4().hex}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        fresh = datetime.fromtimestamp(aside.stat().st_mtime, UTC) >= modified_before
+        if fresh or not unused():
+            if path.exists():  # a writer stored the same bytes again meanwhile
+                aside.unlink()
+            else:
+                os.replace(aside, path)
+            return False
+        aside.unlink()
+        return True
+
+
+def _refresh(path: Path, size: int) -> bool:
+    """True if ``path`` holds a blob of ``size`` bytes, with its mtime set to now: a writer found these bytes
+    already stored, and ``delete_unused`` must not take them away from the row about to refer to them."""
+    try:
+        if path.stat().st_size != size:
+            return False
+        os.utime(path)
+    except FileNotFoundError:  # moved aside by delete_unused between the two calls: store our copy
+        return False
+    return True
+
+
+def _subdirs(path: Path, name_length: int) -> Iterator[Path]:
+    for entry in os.scandir(path):
+        if len(entry.name) == name_length and entry.is_dir(follow_symlinks=False):
+            yield Path(entry.path)
 
 
 def _fsync_dir(path: Path) -> None:
