@@ -15,6 +15,7 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from app.artifacts.router import router as artifacts_router
+from app.dashboard.router import router as dashboard_router
 from app.datasets.router import router as datasets_router
 from app.errors import SqueezeError, error_body
 from app.jobs.router import router as jobs_router
@@ -121,4 +122,5 @@ def create_app(*, migrate_on_start: bool = True) -> FastAPI:
     app.add_middleware(RequestContextMiddleware)
     for router in (system_router, models_router, datasets_router, jobs_router, artifacts_router):
         app.include_router(router)
+    app.include_router(dashboard_router)  # the web page; plain routes outside the OpenAPI document
     return app
