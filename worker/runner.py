@@ -30,6 +30,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from app.blobs import is_referenced, register_blob
 from app.config import get_settings
 from app.db import session_scope
+from app.jobs.capabilities import suffix_of
 from app.jobs.events import add_event
 from app.jobs.spec import JobSpec
 from app.storage import get_store
@@ -342,7 +343,7 @@ def _run(job_id: str, workdir: Path) -> None:
     outputs: list[tuple[str, str, str, Path]] = []
     if result["output_path"] is not None:
         fmt = result["output_format"]
-        outputs.append(("model", fmt, f"{job_id}{'.onnx' if fmt == 'onnx' else '.pt2'}", Path(result["output_path"])))
+        outputs.append(("model", fmt, f"{job_id}{suffix_of(fmt)}", Path(result["output_path"])))
     outputs.append(("report", "json", f"{job_id}-report.json", report_path))
     stored = [(kind, fmt, name, *store.put_file(path)) for kind, fmt, name, path in outputs]
 

@@ -173,7 +173,7 @@ def _emit(obj: dict[str, Any]) -> None:
 def _resolve_device(requested: str, steps: list[Any], fmt: str) -> str:
     import torch
 
-    from app.jobs.capabilities import method_info
+    from app.jobs.capabilities import plan_formats
     from worker.compress.types import CompressionError
 
     if requested == "cpu":
@@ -183,7 +183,7 @@ def _resolve_device(requested: str, steps: list[Any], fmt: str) -> str:
             raise CompressionError("device_unavailable", "this worker has no CUDA device")
         return "cuda"
     cuda_ok = torch.cuda.is_available() and all(
-        "cuda" in (method_info(fmt, s.op, s.method) or {}).get("devices", []) for s in steps
+        "cuda" in (info or {}).get("devices", []) for _, info in plan_formats(fmt, steps)
     )
     return "cuda" if cuda_ok else "cpu"
 
@@ -211,11 +211,12 @@ def child_main() -> int:
         from worker.compress.pipeline import run_pipeline
 
         spec = JobSpec.model_validate(request["spec"])
-        device = _resolve_device(spec.device, list(spec.steps), request["format"])
+        steps = spec.effective_steps()
+        device = _resolve_device(spec.device, steps, request["format"])
         result = run_pipeline(
             model_path=Path(request["model_path"]),
             fmt=request["format"],
-            steps=list(spec.steps),
+            steps=steps,
             data=_load_data(request["dataset"]),
             options=spec.evaluation,
             device=device,

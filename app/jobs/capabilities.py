@@ -57,8 +57,22 @@ _PT2_QUANT = {
     },
 }
 
+_ENCODE = {
+    "squeeze": {
+        "description": (
+            "Storage encoding (Deep Compression's last stage): non-zero positions as a bitmask or gaps, values "
+            "quantized per channel to value_bits, zstd. Must be the last step; decode with squeeze.loader."
+        ),
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu", "cuda"],
+        "produces": "squeeze",
+    },
+}
+
+# A step whose info has "produces" changes the model's format: later steps are looked up under that format.
 CAPABILITIES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
-    "onnx": {"prune": _PRUNE, "quantize": _ONNX_QUANT},
+    "onnx": {"prune": _PRUNE, "quantize": _ONNX_QUANT, "encode": _ENCODE},
     "pt2": {"prune": _PRUNE, "quantize": _PT2_QUANT},
 }
 
@@ -67,14 +81,46 @@ FORMATS: dict[str, dict[str, Any]] = {
         "description": "ONNX model: a single .onnx file, or a .zip of an .onnx with its external-data files.",
         "runtime": "onnxruntime",
         "output": "onnx",
+        "suffix": ".onnx",
     },
     "pt2": {
         "description": "torch.export program saved with torch.export.save (.pt2).",
         "runtime": "torch (torch.export)",
         "output": "pt2",
+        "suffix": ".pt2",
+    },
+    "squeeze": {
+        "description": (
+            "Squeeze storage encoding (.sqz, docs/SQUEEZE_FORMAT.md): the output of an encode/squeeze step. "
+            "squeeze.loader decodes it to ONNX; it is never accepted as an upload."
+        ),
+        "runtime": "onnxruntime (decoded by squeeze.loader)",
+        "output": "squeeze",
+        "suffix": ".sqz",
+        "output_only": True,
     },
 }
 
 
 def method_info(fmt: str, op: str, method: str) -> dict[str, Any] | None:
     return CAPABILITIES.get(fmt, {}).get(op, {}).get(method)
+
+
+def plan_formats(fmt: str, steps: list[Any]) -> list[tuple[str, dict[str, Any] | None]]:
+    """For each step, the model format it receives and its capability entry (None: not supported there).
+
+    Formats change along a pipeline (``convert`` to ONNX, ``encode`` to a squeeze file), so each step is looked up
+    under the format the previous steps produced. After an unsupported step the format is left unchanged.
+    """
+    plan: list[tuple[str, dict[str, Any] | None]] = []
+    for step in steps:
+        info = method_info(fmt, step.op, step.method)
+        plan.append((fmt, info))
+        if info is not None:
+            fmt = info.get("produces", fmt)
+    return plan
+
+
+def suffix_of(fmt: str) -> str:
+    """File suffix of a stored model of this format."""
+    return str(FORMATS[fmt]["suffix"])

@@ -10,23 +10,167 @@ import hashlib
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_SPARSITY = Field(ge=0.0, lt=1.0, description="Share of prunable weights set to zero, in [0, 1).")
+_OVERRIDES = Field(
+    default_factory=dict,
+    max_length=256,
+    description=(
+        'Per-layer sparsity by layer-name pattern (fnmatch, e.g. `"*.fc*"` or `"conv1*"`); the first pattern '
+        "that matches a layer wins; 0 leaves the layer alone. Layer names are those in the job's per-layer table."
+    ),
+)
+
+
+def _check_overrides(overrides: dict[str, float]) -> dict[str, float]:
+    for pattern, value in overrides.items():
+        if not pattern or len(pattern) > 256:
+            raise ValueError("override patterns must be 1-256 characters")
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"override {pattern!r}: sparsity {value} is outside [0, 1)")
+    return overrides
+
+
+def _check_pattern(pattern: str | None) -> str | None:
+    if pattern is not None:
+        parse_pattern(pattern)
+    return pattern
+
+
+Overrides = Annotated[dict[str, float], AfterValidator(_check_overrides)]
+NMPattern = Annotated[str | None, AfterValidator(_check_pattern)]
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    """``"N:M"`` -> (N, M): at most N non-zero weights in every M consecutive weights along the input axis."""
+    n_text, _, m_text = pattern.partition(":")
+    if not (n_text.isdigit() and m_text.isdigit()):
+        raise ValueError('pattern must look like "2:4" (N:M with N < M)')
+    n, m = int(n_text), int(m_text)
+    if not 1 <= n < m <= 64:
+        raise ValueError(f"pattern {pattern!r}: need 1 <= N < M <= 64")
+    return n, m
+
+
 class PruneMagnitude(_Strict):
-    """Unstructured magnitude pruning to exactly ``sparsity`` of the prunable weights (Conv/Linear/MatMul)."""
+    """Magnitude pruning: unstructured to an exact sparsity (global or per layer), or N:M semi-structured."""
 
     op: Literal["prune"] = "prune"
     method: Literal["magnitude"]
-    sparsity: float = Field(ge=0.0, lt=1.0, description="Share of prunable weights set to zero, in [0, 1).")
+    sparsity: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Share of prunable weights set to zero, in [0, 1). Implied by `pattern` (2:4 -> 0.5).",
+    )
     scope: Literal["global", "per_layer"] = Field(
         "global",
         description="global: one threshold over all prunable weights; per_layer: each layer at `sparsity`.",
     )
+    pattern: NMPattern = Field(
+        None,
+        max_length=8,
+        description='N:M semi-structured sparsity, e.g. "2:4": keep the N largest of every M input weights.',
+    )
+    overrides: Overrides = _OVERRIDES
+
+    @model_validator(mode="after")
+    def _sparsity_or_pattern(self) -> PruneMagnitude:
+        if self.pattern is None and self.sparsity is None:
+            raise ValueError('give a sparsity in [0, 1), or an N:M pattern such as "2:4"')
+        if self.pattern is not None:
+            n, m = parse_pattern(self.pattern)
+            if self.sparsity is not None and abs(self.sparsity - (1 - n / m)) > 1e-9:
+                raise ValueError(f"pattern {self.pattern} implies sparsity {1 - n / m:g}; leave sparsity out")
+            if self.overrides and any(v not in (0.0, 1 - n / m) for v in self.overrides.values()):
+                raise ValueError("with a pattern, overrides may only exclude layers (0)")
+        return self
+
+    @property
+    def target_sparsity(self) -> float:
+        if self.pattern is not None:
+            n, m = parse_pattern(self.pattern)
+            return 1 - n / m
+        return self.sparsity or 0.0
+
+
+class PruneStructured(_Strict):
+    """Remove whole channels/filters (and the matching inputs of the layers that consume them): smaller and faster."""
+
+    op: Literal["prune"] = "prune"
+    method: Literal["structured"]
+    sparsity: float = Field(ge=0.0, lt=1.0, description="Share of each prunable layer's output channels removed.")
+    norm: Literal["l1", "l2"] = Field("l1", description="Channels with the smallest L1/L2 weight norm go first.")
+    round_to: int = Field(1, ge=1, le=128, description="Keep a multiple of this many channels per layer.")
+    overrides: Overrides = _OVERRIDES
+
+
+class PruneGradient(_Strict):
+    """First-order Taylor saliency |w * dL/dw| accumulated over the dataset (labels, else the original's outputs)."""
+
+    op: Literal["prune"] = "prune"
+    method: Literal["gradient"]
+    sparsity: float = _SPARSITY
+    scope: Literal["global", "per_layer"] = "global"
+    samples: int = Field(512, ge=1, le=100_000, description="Dataset samples used to accumulate saliency.")
+    overrides: Overrides = _OVERRIDES
+
+
+class PruneRegularized(_Strict):
+    """Short sparse fine-tuning with an L1/L2 penalty, then magnitude thresholding to ``sparsity``.
+
+    Trains on the labels when the dataset has them, else distils from the original model's outputs.
+    """
+
+    op: Literal["prune"] = "prune"
+    method: Literal["regularized"]
+    sparsity: float = _SPARSITY
+    penalty: Literal["l1", "l2"] = "l1"
+    strength: float = Field(1e-4, gt=0.0, le=1.0, description="Penalty weight.")
+    epochs: int = Field(3, ge=1, le=20)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(64, ge=1, le=4096)
+    scope: Literal["global", "per_layer"] = "global"
+
+
+class PruneWanda(_Strict):
+    """Wanda: |weight| x input-activation norm, per output row, for Linear/MatMul layers (transformers)."""
+
+    op: Literal["prune"] = "prune"
+    method: Literal["wanda"]
+    sparsity: float | None = Field(None, ge=0.0, lt=1.0)
+    pattern: NMPattern = Field(None, max_length=8, description='N:M, e.g. "2:4".')
+    calibration_samples: int = Field(128, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _sparsity_or_pattern(self) -> PruneWanda:
+        if (self.pattern is None) == (self.sparsity is None):
+            raise ValueError("give either a sparsity or an N:M pattern")
+        return self
+
+
+class Finetune(_Strict):
+    """Recover accuracy after pruning: train on labels, or distil from the original model. Zeros stay zero."""
+
+    op: Literal["finetune"] = "finetune"
+    method: Literal["distill", "labels"]
+    epochs: int = Field(3, ge=1, le=50)
+    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    batch_size: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(2.0, gt=0.0, le=20.0, description="Distillation temperature (distill only).")
+
+
+_INCLUDE = Field(
+    default_factory=list,
+    max_length=4,
+    description='Also quantize these non-Linear tables: ["embedding"] (MiniLM\'s embedding is half its bytes).',
+)
 
 
 class QuantizeInt8Dynamic(_Strict):
@@ -46,6 +190,32 @@ class QuantizeInt8Static(_Strict):
     calibration_samples: int = Field(128, ge=1, le=10_000)
 
 
+class QuantizeInt8WeightOnly(_Strict):
+    """Int8 weights (per channel, or grouped), float activations."""
+
+    op: Literal["quantize"] = "quantize"
+    method: Literal["int8_weight_only"]
+    group_size: int | None = Field(None, ge=16, le=4096, description="None: one scale per output channel.")
+    include: list[Literal["embedding"]] = _INCLUDE
+
+
+class QuantizeInt4WeightOnly(_Strict):
+    """Int4 weights in groups along the input axis, stored packed (two per byte), float activations."""
+
+    op: Literal["quantize"] = "quantize"
+    method: Literal["int4_weight_only"]
+    group_size: int = Field(32, ge=16, le=1024, description="Weights sharing one scale (power of two).")
+    symmetric: bool = True
+    include: list[Literal["embedding"]] = _INCLUDE
+
+    @field_validator("group_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError("group_size must be a power of two")
+        return value
+
+
 class QuantizeFp16(_Strict):
     """Weights and compute in float16; inputs and outputs keep their original dtype."""
 
@@ -53,11 +223,50 @@ class QuantizeFp16(_Strict):
     method: Literal["fp16"]
 
 
+class QuantizeBf16(_Strict):
+    """Weights and compute in bfloat16; inputs and outputs keep their original dtype."""
+
+    op: Literal["quantize"] = "quantize"
+    method: Literal["bf16"]
+
+
+class ConvertOnnx(_Strict):
+    """Export a PyTorch model (pt2, TorchScript) to ONNX; later steps and the measurement run in ONNX Runtime."""
+
+    op: Literal["convert"] = "convert"
+    method: Literal["onnx"]
+    opset: int = Field(18, ge=13, le=21)
+
+
+class EncodeSqueeze(_Strict):
+    """Storage encoding (Deep Compression's last stage): sparse weights as a bitmask, values quantized, entropy-coded.
+
+    Must be the last step. The artifact is a ``.sqz`` file that ``squeeze.loader`` turns back into a model for its
+    runtime; the report gives its size next to the entropy bound of the stored weights.
+    """
+
+    op: Literal["encode"] = "encode"
+    method: Literal["squeeze"]
+    value_bits: int = Field(8, ge=2, le=8, description="Bits per stored non-zero value (uniform, per channel).")
+    level: int = Field(19, ge=1, le=22, description="zstd level.")
+
+
 STEP_TYPES: dict[str, type[_Strict]] = {
     "prune/magnitude": PruneMagnitude,
+    "prune/structured": PruneStructured,
+    "prune/gradient": PruneGradient,
+    "prune/regularized": PruneRegularized,
+    "prune/wanda": PruneWanda,
+    "finetune/distill": Finetune,
+    "finetune/labels": Finetune,
     "quantize/int8_dynamic": QuantizeInt8Dynamic,
     "quantize/int8_static": QuantizeInt8Static,
+    "quantize/int8_weight_only": QuantizeInt8WeightOnly,
+    "quantize/int4_weight_only": QuantizeInt4WeightOnly,
     "quantize/fp16": QuantizeFp16,
+    "quantize/bf16": QuantizeBf16,
+    "convert/onnx": ConvertOnnx,
+    "encode/squeeze": EncodeSqueeze,
 }
 
 
@@ -78,9 +287,20 @@ def _step_tag(value: Any) -> str | None:
 # nested ones produce an OpenAPI discriminator mapping that is not valid OpenAPI (and /openapi.json failed).
 Step = Annotated[
     Annotated[PruneMagnitude, Tag("prune/magnitude")]
+    | Annotated[PruneStructured, Tag("prune/structured")]
+    | Annotated[PruneGradient, Tag("prune/gradient")]
+    | Annotated[PruneRegularized, Tag("prune/regularized")]
+    | Annotated[PruneWanda, Tag("prune/wanda")]
+    | Annotated[Finetune, Tag("finetune/distill")]
+    | Annotated[Finetune, Tag("finetune/labels")]
     | Annotated[QuantizeInt8Dynamic, Tag("quantize/int8_dynamic")]
     | Annotated[QuantizeInt8Static, Tag("quantize/int8_static")]
-    | Annotated[QuantizeFp16, Tag("quantize/fp16")],
+    | Annotated[QuantizeInt8WeightOnly, Tag("quantize/int8_weight_only")]
+    | Annotated[QuantizeInt4WeightOnly, Tag("quantize/int4_weight_only")]
+    | Annotated[QuantizeFp16, Tag("quantize/fp16")]
+    | Annotated[QuantizeBf16, Tag("quantize/bf16")]
+    | Annotated[ConvertOnnx, Tag("convert/onnx")]
+    | Annotated[EncodeSqueeze, Tag("encode/squeeze")],
     Discriminator(
         _step_tag,
         custom_error_type="unknown_step",
@@ -94,6 +314,13 @@ class EvalOptions(_Strict):
     max_samples: int = Field(2048, ge=1, le=1_000_000, description="Evaluate on at most this many samples.")
     latency_runs: int = Field(20, ge=1, le=1000, description="Timed runs after warm-up.")
     warmup_runs: int = Field(3, ge=0, le=100)
+    layer_sensitivity: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description=(
+            "Per-layer sensitivity in the report: the metric change when only that layer is compressed. "
+            "auto: on when the job has a dataset and the model at most 64 prunable layers."
+        ),
+    )
 
 
 class JobSpec(_Strict):
@@ -107,6 +334,10 @@ class JobSpec(_Strict):
         description="Run in order. An empty list evaluates the model as it is (needs a dataset).",
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    output_format: Literal["onnx"] | None = Field(
+        None,
+        description="Convert the result to this format (same as a final `convert` step; ONNX is the fastest CPU path).",
+    )
     evaluation: EvalOptions = Field(default_factory=EvalOptions)
     cache: bool = Field(True, description="Return an earlier identical job's result instead of running again.")
     notify_url: str | None = Field(
@@ -114,6 +345,22 @@ class JobSpec(_Strict):
         max_length=2048,
         description="POST the job's final state here (signed; only under URLs an admin allowed).",
     )
+
+    @model_validator(mode="after")
+    def _step_order(self) -> JobSpec:
+        for i, step in enumerate(self.steps):
+            if step.op == "encode" and (i != len(self.steps) - 1 or self.output_format is not None):
+                raise ValueError(f"steps[{i}]: an encode step must come last (after any conversion)")
+        if sum(step.op == "convert" for step in self.steps) > 1:
+            raise ValueError("convert at most once")
+        return self
+
+    def effective_steps(self) -> list[Step]:
+        """The steps as the worker runs them: ``output_format`` becomes a final ``convert`` step."""
+        steps = list(self.steps)
+        if self.output_format == "onnx" and not any(s.op == "convert" for s in steps):
+            steps.append(ConvertOnnx(method="onnx"))
+        return steps
 
     def cache_key(self, model_sha256: str, dataset_sha256: str | None) -> str:
         """Hash of what determines the result: input bytes and the canonical spec (ids and cache flag excluded)."""

@@ -389,8 +389,20 @@ def test_prune_then_int8_dynamic_pipeline_reports_everything(
     )
     base, res = result.baseline, result.result
     assert res is not None and result.output_format == "onnx"
-    assert stages == ["baseline", "prune:magnitude", "quantize:int8_dynamic", "evaluate", "done"]
+    assert stages == ["baseline", "sensitivity", "prune:magnitude", "quantize:int8_dynamic", "evaluate", "done"]
     assert base.accuracy == pytest.approx(baseline_accuracy)
+    # Per-layer tables: every weight tensor of each version, with the bytes adding up to the weights stored.
+    assert base.layers is not None and res.layers is not None
+    assert {row["name"] for row in base.layers} >= {"0.weight", "2.weight", "6.weight", "8.weight"}
+    assert sum(row["parameters"] for row in base.layers) == base.parameters
+    assert sum(row["parameters"] for row in res.layers) == res.parameters
+    assert {row["bits"] for row in res.layers} >= {8, 32}  # Gemm weights int8, Conv left in float
+    # Sensitivity: each prunable layer compressed alone changes accuracy by at most what the whole job loses
+    # plus noise, and a layer the job cannot touch (none here) would show 0.
+    sens = {row["name"]: row["sensitivity"] for row in base.layers if row["prunable"]}
+    assert set(sens) == {"0.weight", "2.weight", "6.weight", "8.weight"}
+    assert all(-0.1 < v < 0.05 for v in sens.values()), sens
+    assert any("per-layer sensitivity" in note for note in result.notes)
     assert (base.cosine, base.agreement, base.sparsity) == (1.0, 1.0, 0.0)
     assert res.accuracy is not None and res.accuracy >= baseline_accuracy - 0.02
     assert res.agreement is not None and res.agreement >= 0.97

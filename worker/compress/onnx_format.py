@@ -25,10 +25,10 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
-from app.jobs.spec import PruneMagnitude, QuantizeFp16, QuantizeInt8Dynamic, QuantizeInt8Static
+from app.jobs.spec import PruneMagnitude, QuantizeFp16, QuantizeInt8Dynamic, QuantizeInt8Static, parse_pattern
 from worker.compress.backend import QuantizeStepT
-from worker.compress.pruning import magnitude_masks
-from worker.compress.types import CompressionError, EvalData, StepReport
+from worker.compress.pruning import step_masks
+from worker.compress.types import CompressionError, EvalData, StepContext, StepReport
 
 _PROTOBUF_LIMIT = 2**31 - 2**20  # stay clear of protobuf's 2 GiB message limit
 _MAX_MESSAGE = 2000
@@ -193,9 +193,10 @@ class OnnxBackend:
                 arrays[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         return arrays
 
-    def prune_magnitude(self, src: Path, dst: Path, step: PruneMagnitude) -> StepReport:
+    def prune_magnitude(self, src: Path, dst: Path, step: PruneMagnitude, ctx: StepContext | None = None) -> StepReport:
         """Zero the smallest-magnitude weights of Conv, Gemm and MatMul (constant operands of rank >= 2 only).
 
+        Unstructured (global or per layer, with per-layer overrides) or N:M along each weight's reduction axis.
         Biases, normalization parameters and embedding tables are left alone, and so is a weight that any
         other node also reads (a tied embedding, say). The result is saved self-contained when it fits in one
         protobuf (2 GiB).
@@ -210,7 +211,14 @@ class OnnxBackend:
                 "prune before quantizing",
             )
         weights = {name: numpy_helper.to_array(t) for name, t in prunable.items()}
-        masks = magnitude_masks(weights, step.sparsity, step.scope)
+        masks = step_masks(
+            {n: np.abs(w.astype(np.float32, copy=False)) for n, w in weights.items()},
+            sparsity=step.target_sparsity,
+            scope=step.scope,
+            pattern=parse_pattern(step.pattern) if step.pattern else None,
+            overrides=step.overrides,
+            reduction_axes=_reduction_axes(model, set(weights)),
+        )
         layers = []
         zeros_total = size_total = layers_changed = 0
         for name, w in weights.items():
@@ -227,7 +235,9 @@ class OnnxBackend:
             method="magnitude",
             details={
                 "scope": step.scope,
-                "requested_sparsity": step.sparsity,
+                "pattern": step.pattern,
+                "overrides": dict(step.overrides),
+                "requested_sparsity": step.target_sparsity,
                 "achieved_sparsity": round(zeros_total / size_total, 6),
                 "prunable_parameters": size_total,
                 "prunable_share": round(size_total / params_total, 6) if params_total else 0.0,
@@ -236,6 +246,50 @@ class OnnxBackend:
                 "layers": layers,
             },
         )
+
+    def layers(self, path: Path) -> list[dict[str, Any]]:
+        """One row per weight tensor: name, consuming op, shape, parameters, nonzero, sparsity, bits, bytes."""
+        model = _load_model(path)
+        consumer: dict[str, str] = {}
+        for node in _all_nodes(model.graph):
+            for name in node.input:
+                consumer.setdefault(name, node.op_type)
+        prunable = set(_prunable_initializers(model))
+        rows = []
+        for tensor, zero_point in _weight_tensors(model):
+            values = _to_array(tensor)
+            nonzero = _count_nonzero(values, zero_point)
+            rows.append(
+                {
+                    "name": tensor.name,
+                    "op": consumer.get(tensor.name),
+                    "shape": [int(d) for d in tensor.dims],
+                    "parameters": int(values.size),
+                    "nonzero": nonzero,
+                    "sparsity": round(1 - nonzero / values.size, 6) if values.size else 0.0,
+                    "bits": int(values.dtype.itemsize * 8),
+                    "bytes": int(values.nbytes),
+                    "prunable": tensor.name in prunable,
+                }
+            )
+        return rows
+
+    def prunable_weights(self, path: Path) -> dict[str, tuple[np.ndarray, int]]:
+        """The weights pruning acts on, each with its reduction axis (for N:M and per-channel arithmetic)."""
+        model = _load_model(path)
+        prunable = _prunable_initializers(model)
+        axes = _reduction_axes(model, set(prunable))
+        return {name: (numpy_helper.to_array(t), axes[name]) for name, t in prunable.items()}
+
+    def with_weights(self, src: Path, dst: Path, weights: dict[str, np.ndarray]) -> None:
+        """Write ``src`` to ``dst`` with the named initializers replaced (same dtype and shape)."""
+        model = _load_model(src)
+        by_name = {t.name: t for t in _all_initializers(model.graph)}
+        for name, values in weights.items():
+            old = by_name[name]
+            dtype = numpy_helper.to_array(old).dtype
+            old.CopyFrom(numpy_helper.from_array(values.astype(dtype, copy=False), name))
+        _save_model(model, dst)
 
     def quantize(self, src: Path, dst: Path, step: QuantizeStepT, data: EvalData | None, device: str) -> StepReport:
         """int8_dynamic / int8_static (QDQ, calibrated on ``data``) with ONNX Runtime's tools, or fp16."""
@@ -568,6 +622,26 @@ def _prunable_initializers(model: onnx.ModelProto) -> dict[str, TensorProto]:
         and t.data_type in _FLOAT_TYPES
         and len(t.dims) >= 2
     }
+
+
+def _reduction_axes(model: onnx.ModelProto, names: set[str]) -> dict[str, int]:
+    """For each weight, the axis its consumer sums over (Conv: input channels; MatMul/Gemm: K)."""
+    axes: dict[str, int] = {}
+    for node in _all_nodes(model.graph):
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        for slot, name in enumerate(node.input):
+            if name not in names or name in axes:
+                continue
+            if node.op_type == "Conv":
+                axes[name] = 1
+            elif node.op_type == "MatMul":
+                axes[name] = -2 if slot == 1 else -1
+            elif node.op_type == "Gemm":
+                trans = attrs.get("transB", 0) if slot == 1 else attrs.get("transA", 0)
+                axes[name] = (1 if trans else 0) if slot == 1 else (0 if trans else 1)
+    for name in names:
+        axes.setdefault(name, -1)
+    return axes
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,6 +1,11 @@
 """Run a job's steps on a model file and measure the result against the original.
 
 Pure: takes paths, a spec and numpy data; returns numbers and an output path. The Celery task wraps it.
+
+Each step is dispatched to its format's backend by name: ``backend.<op>_<method>(src, dst, step, ctx)`` (e.g.
+``prune_structured``, ``quantize_int4_weight_only``, ``convert_onnx``), with the older generic entry points
+``prune_magnitude`` and ``quantize`` as fallbacks. A step may change the format (its report's ``output_format``);
+later steps and the final measurement then use that format's backend.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.jobs.spec import EvalOptions, PruneMagnitude, Step
+from app.jobs.spec import EvalOptions, Step
 from worker.compress import evaluate
 from worker.compress.backend import FormatBackend, get_backend
 from worker.compress.types import (
@@ -19,6 +24,8 @@ from worker.compress.types import (
     ModelMetrics,
     PipelineResult,
     ProgressFn,
+    Runner,
+    StepContext,
     StepReport,
 )
 
@@ -47,15 +54,11 @@ def measure(
         device=device,
         runtime=runner.runtime,
     )
+    layer_table = getattr(backend, "layers", None)
+    if layer_table is not None:
+        metrics.layers = layer_table(path)
     if data is not None:
-        try:
-            outputs = evaluate.run_batched(runner, data, options.batch_size)
-        except CompressionError:
-            raise
-        except Exception as exc:  # the runtime's own message is what the user needs to fix the data
-            raise CompressionError(
-                "evaluation_failed", f"running the model on the dataset failed: {exc}"[:2000]
-            ) from exc
+        outputs = run_on_data(runner, data, options)
         metrics.samples = data.num_samples
         metrics.accuracy = evaluate.accuracy(outputs, data.labels)
         if reference is not None:
@@ -76,6 +79,32 @@ def measure(
     return metrics, outputs
 
 
+def run_on_data(runner: Runner, data: EvalData, options: EvalOptions) -> list[np.ndarray]:
+    """The model's outputs on the whole dataset; a runtime failure becomes ``evaluation_failed``."""
+    try:
+        return evaluate.run_batched(runner, data, options.batch_size)
+    except CompressionError:
+        raise
+    except Exception as exc:  # the runtime's own message is what the user needs to fix the data
+        raise CompressionError("evaluation_failed", f"running the model on the dataset failed: {exc}"[:2000]) from exc
+
+
+def apply_step(backend: FormatBackend, step: Step, src: Path, dst: Path, ctx: StepContext) -> StepReport:
+    """Run one step with the backend of the format it receives."""
+    handler = getattr(backend, f"{step.op}_{step.method}", None)
+    if handler is not None:
+        return handler(src, dst, step, ctx)  # type: ignore[no-any-return]
+    if step.op == "encode" and step.method == "squeeze":
+        from worker.compress.squeeze_format import encode_squeeze
+
+        return encode_squeeze(backend, src, dst, step, ctx)
+    if step.op == "quantize":
+        return backend.quantize(src, dst, step, ctx.data, ctx.device)  # type: ignore[arg-type]
+    raise CompressionError(
+        "method_not_supported", f"{step.op}/{step.method} is not implemented for {backend.name} models"
+    )
+
+
 def run_pipeline(
     *,
     model_path: Path,
@@ -91,38 +120,68 @@ def run_pipeline(
     backend = get_backend(fmt)
     if data is not None and data.num_samples > options.max_samples:
         data = data.head(options.max_samples)
-    total_stages = len(steps) + 2
+    sensitivity_wanted = _sensitivity_wanted(options, data, steps)
+    total_stages = len(steps) + 2 + int(sensitivity_wanted)
     progress(0.0, "baseline")
     baseline, reference = measure(backend, model_path, device, data, options, None)
     if not steps:
         progress(1.0, "done")
         return PipelineResult(None, backend.name, baseline, None, [], [])
 
+    stage = 1
+    notes: list[str] = []
+    if sensitivity_wanted:
+        from worker.compress.sensitivity import layer_sensitivity
+
+        progress(stage / total_stages, "sensitivity")
+        assert data is not None
+        notes += layer_sensitivity(backend, model_path, steps, data, options, device, baseline, workdir)
+        stage += 1
+
+    ctx = StepContext(
+        data=data, device=device, original=model_path, original_format=fmt, workdir=workdir, reference=reference
+    )
     reports: list[StepReport] = []
     current = model_path
     for i, step in enumerate(steps, start=1):
-        progress(i / total_stages, f"{step.op}:{step.method}")
-        dst = workdir / f"step{i}{backend.suffix}"
-        if isinstance(step, PruneMagnitude):
-            report = backend.prune_magnitude(current, dst, step)
-        else:
-            report = backend.quantize(current, dst, step, data, device)
+        progress(stage / total_stages, f"{step.op}:{step.method}")
+        stage += 1
+        out_backend = get_backend(_produces(backend.name, step))
+        dst = workdir / f"step{i}{out_backend.suffix}"
+        report = apply_step(backend, step, current, dst, ctx)
+        if report.output_format is not None and report.output_format != backend.name:
+            out_backend = get_backend(report.output_format)
+        backend = out_backend
         reports.append(report)
         current = dst
 
-    progress((total_stages - 1) / total_stages, "evaluate")
+    progress(stage / total_stages, "evaluate")
     result, _ = measure(backend, current, device, data, options, reference)
-    notes = [n for r in reports for n in r.notes]
+    notes += [n for r in reports for n in r.notes]
     if result.sparsity > 0.01 and result.size_bytes >= baseline.size_bytes * (1.0 - result.sparsity / 2):
         notes.append(
             f"The artifact stores pruned weights densely: {result.sparsity:.1%} of the parameters are zero but "
             f"the file is {result.size_bytes / max(baseline.size_bytes, 1):.2f}x the original's size. "
-            "Zeros compress well with a general-purpose compressor; the on-disk size shown is the real one."
+            'Add a final {"op": "encode", "method": "squeeze"} step to store them sparsely; the on-disk size '
+            "shown is the real one."
         )
     final = workdir / f"result{backend.suffix}"
     _move_model(current, final, backend)
     progress(1.0, "done")
     return PipelineResult(final, backend.name, baseline, result, reports, notes)
+
+
+def _produces(fmt: str, step: Step) -> str:
+    from app.jobs.capabilities import method_info
+
+    info = method_info(fmt, step.op, step.method) or {}
+    return str(info.get("produces", fmt))
+
+
+def _sensitivity_wanted(options: EvalOptions, data: EvalData | None, steps: list[Step]) -> bool:
+    if data is None or options.layer_sensitivity == "off" or not steps:
+        return False
+    return any(s.op in ("prune", "quantize") for s in steps)
 
 
 def _move_model(src: Path, dst: Path, backend: FormatBackend) -> None:

@@ -33,10 +33,10 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
-from app.jobs.spec import PruneMagnitude, QuantizeFp16, QuantizeInt8Dynamic, QuantizeInt8Static
+from app.jobs.spec import PruneMagnitude, QuantizeFp16, QuantizeInt8Dynamic, QuantizeInt8Static, parse_pattern
 from worker.compress.backend import QuantizeStepT
-from worker.compress.pruning import magnitude_masks
-from worker.compress.types import CompressionError, EvalData, StepReport
+from worker.compress.pruning import step_masks
+from worker.compress.types import CompressionError, EvalData, StepContext, StepReport
 
 _WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 _CONV_OPS = {
@@ -342,6 +342,19 @@ def _is_prunable(node: torch.fx.Node, t: torch.Tensor) -> bool:
     return feeds_matmul
 
 
+def _reduction_axis(node: torch.fx.Node) -> int:
+    """The axis of a weight that its consumer sums over: conv/linear input features, matmul's K."""
+    for user in node.users:
+        name = _op_name(user)
+        if name in _CONV_OPS or name == "linear":
+            return 1
+        if name in ("matmul", "mm", "bmm") and user.args:
+            return -1 if user.args[0] is node else -2
+        if name in ("addmm", "baddbmm") and len(user.args) > 2:
+            return -1 if user.args[1] is node else -2
+    return -1
+
+
 def _save(ep: ExportedProgram, dst: Path) -> None:
     # Saved under its final name: torch.export.save names the archive's root folder after the file.
     try:
@@ -559,20 +572,29 @@ class Pt2Backend:
         tensors = _random_tensors(ep, batch_size)
         return {s.name: _numpy(t) for s, t in zip(_tensor_inputs(ep), tensors, strict=True)}
 
-    def prune_magnitude(self, src: Path, dst: Path, step: PruneMagnitude) -> StepReport:
+    def prune_magnitude(self, src: Path, dst: Path, step: PruneMagnitude, ctx: StepContext | None = None) -> StepReport:
         ep = _load(src)
-        weights = {target: t for node, target, t in _weight_inputs(ep) if _is_prunable(node, t)}
+        nodes = {target: node for node, target, t in _weight_inputs(ep) if _is_prunable(node, t)}
+        weights = {target: _weight_tensor(ep, target) for target in nodes}
         if not weights:
             raise CompressionError(
                 "nothing_to_prune",
                 "the program has no floating-point Conv/Linear/MatMul weights to prune (prune before quantizing)",
             )
-        arrays = {k: t.detach().float().cpu().numpy() for k, t in weights.items()}
-        masks = magnitude_masks(arrays, step.sparsity, step.scope)
+        arrays = {k: t.detach().float().cpu().numpy() for k, t in weights.items() if t is not None}
+        masks = step_masks(
+            {k: np.abs(a) for k, a in arrays.items()},
+            sparsity=step.target_sparsity,
+            scope=step.scope,
+            pattern=parse_pattern(step.pattern) if step.pattern else None,
+            overrides=step.overrides,
+            reduction_axes={k: _reduction_axis(node) for k, node in nodes.items()},
+        )
         layers = []
         zeros = total = 0
         with _torch_errors("pruning_failed", "writing the pruned weights"), torch.no_grad():
             for key, t in weights.items():
+                assert t is not None
                 t.mul_(torch.from_numpy(masks[key]).to(device=t.device, dtype=t.dtype))
                 z = t.numel() - int(torch.count_nonzero(t))
                 zeros, total = zeros + z, total + t.numel()
@@ -583,14 +605,59 @@ class Pt2Backend:
             op="prune",
             method="magnitude",
             details={
-                "requested": step.sparsity,
+                "requested": step.target_sparsity,
                 "achieved": round(zeros / total, 6),
                 "scope": step.scope,
+                "pattern": step.pattern,
+                "overrides": dict(step.overrides),
                 "prunable_parameters": total,
                 "zeros": zeros,
                 "layers": layers,
             },
         )
+
+    def layers(self, path: Path) -> list[dict[str, Any]]:
+        """One row per weight tensor: name, consuming op, shape, parameters, nonzero, sparsity, bits, bytes."""
+        ep = _load(path)
+        rows = []
+        for node, target, t in _weight_inputs(ep):
+            if not _counts_as_weight(node, t):
+                continue
+            nonzero = int(torch.count_nonzero(t.detach()))
+            numel = t.numel()
+            rows.append(
+                {
+                    "name": target,
+                    "op": next((_op_name(u) for u in node.users), None),
+                    "shape": list(t.shape),
+                    "parameters": numel,
+                    "nonzero": nonzero,
+                    "sparsity": round(1 - nonzero / numel, 6) if numel else 0.0,
+                    "bits": t.element_size() * 8,
+                    "bytes": numel * t.element_size(),
+                    "prunable": _is_prunable(node, t),
+                }
+            )
+        return rows
+
+    def prunable_weights(self, path: Path) -> dict[str, tuple[np.ndarray, int]]:
+        """The weights pruning acts on, each with its reduction axis (for N:M and per-channel arithmetic)."""
+        ep = _load(path)
+        return {
+            target: (t.detach().float().cpu().numpy(), _reduction_axis(node))
+            for node, target, t in _weight_inputs(ep)
+            if _is_prunable(node, t)
+        }
+
+    def with_weights(self, src: Path, dst: Path, weights: dict[str, np.ndarray]) -> None:
+        """Write ``src`` to ``dst`` with the named weights replaced (same dtype and shape)."""
+        ep = _load(src)
+        with torch.no_grad():
+            for target, values in weights.items():
+                t = _weight_tensor(ep, target)
+                assert t is not None
+                t.copy_(torch.from_numpy(np.ascontiguousarray(values)).to(dtype=t.dtype, device=t.device))
+        _save(ep, dst)
 
     def quantize(self, src: Path, dst: Path, step: QuantizeStepT, data: EvalData | None, device: str) -> StepReport:
         ep = _load(src)

@@ -58,6 +58,19 @@ class StepReport:
     method: str
     details: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    output_format: str | None = None  # set by a step that changes the model's format (convert, encode)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step may need besides its input file: the data, the device, the original model (a teacher)."""
+
+    data: EvalData | None
+    device: str
+    original: Path  # the uploaded model, before any step
+    original_format: str
+    workdir: Path
+    reference: list[np.ndarray] | None = None  # the original's outputs on ``data`` (targets without labels)
 
 
 @dataclass
@@ -76,6 +89,7 @@ class ModelMetrics:
     max_abs_error: float | None = None
     latency_ms: dict[str, float] | None = None  # {"p50", "p95", "batch_size"}
     samples: int | None = None
+    layers: list[dict[str, Any]] | None = None  # per weight tensor: name, op, shape, parameters, sparsity, bits, bytes
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
