@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import exists, select
+from sqlalchemy import ColumnElement, exists, select
 from sqlalchemy.orm import Session
 
 from app.storage import ArtifactStore
@@ -16,16 +16,17 @@ def register_blob(session: Session, *, sha256: str, size_bytes: int) -> None:
         session.flush()
 
 
-def is_referenced(session: Session, sha256: str) -> bool:
-    return bool(
-        session.scalar(
-            select(
-                exists().where(ModelUpload.sha256 == sha256)
-                | exists().where(DatasetUpload.sha256 == sha256)
-                | exists().where(Artifact.sha256 == sha256)
-            )
-        )
+def referenced(sha256: str | ColumnElement[str]) -> ColumnElement[bool]:
+    """SQL: some model, dataset or artifact row refers to ``sha256`` (a value, or a column such as Blob.sha256)."""
+    return (
+        exists().where(ModelUpload.sha256 == sha256)
+        | exists().where(DatasetUpload.sha256 == sha256)
+        | exists().where(Artifact.sha256 == sha256)
     )
+
+
+def is_referenced(session: Session, sha256: str) -> bool:
+    return bool(session.scalar(select(referenced(sha256))))
 
 
 def release_blob(session: Session, store: ArtifactStore, sha256: str) -> bool:

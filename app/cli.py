@@ -1,4 +1,4 @@
-"""The ``squeeze`` command: serve, worker, users, keys, migrate; and the client commands (``squeeze.cli``)."""
+"""The ``squeeze`` command: serve, worker, users, keys, admin, migrate; and the client commands (``squeeze.cli``)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ users_cli = typer.Typer(help="Manage users.", no_args_is_help=True)
 keys_cli = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 cli.add_typer(users_cli, name="users")
 cli.add_typer(keys_cli, name="keys")
+admin_cli = typer.Typer(help="Housekeeping: unreferenced blobs, artifact retention.", no_args_is_help=True)
+cli.add_typer(admin_cli, name="admin")
 
 
 @cli.command()
@@ -80,9 +82,19 @@ def worker_cmd(
         raise typer.Exit(2)
     if "torch" in sys.modules:  # forked children of a torch-initialised parent spin forever
         raise RuntimeError("torch was imported in the worker's parent process")
+    from celery.signals import worker_ready
+
     from app.config import get_settings
     from app.observability import configure_logging
     from app.queue import queue_name
+    from worker.presence import WorkerPresence, detect_gpus
+
+    gpus = detect_gpus()
+    if gpus and "SQUEEZE_GPU_ENABLED" not in os.environ:
+        # Pipelines here may run on CUDA (device cuda, or auto): no address-space limit for them. Set before the
+        # settings are read and the pool forks, so every pipeline process sees it.
+        os.environ["SQUEEZE_GPU_ENABLED"] = "true"
+        get_settings.cache_clear()
     from worker.celery_app import celery_app
 
     settings = get_settings()
@@ -91,18 +103,23 @@ def worker_cmd(
     # SIGTERM → soft shutdown (running job gets worker_soft_shutdown_s), then cold shutdown, which requeues it.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     wanted = [q.strip() for q in queues.split(",") if q.strip()]
-    celery_app.worker_main(
-        [
-            "worker",
-            f"--queues={','.join(queue_name(q, settings) for q in wanted)}",
-            f"--concurrency={concurrency}",
-            f"--loglevel={loglevel}",
-            "--pool=prefork",
-            "--without-gossip",
-            "--without-mingle",
-            f"--hostname=squeeze-{'-'.join(wanted)}-{os.getpid()}@%h",
-        ]
-    )
+    presence = WorkerPresence(settings, queues=wanted, concurrency=concurrency, gpus=gpus)
+    worker_ready.connect(lambda sender, **_: presence.start(getattr(sender, "hostname", None)), weak=False)
+    try:
+        celery_app.worker_main(
+            [
+                "worker",
+                f"--queues={','.join(queue_name(q, settings) for q in wanted)}",
+                f"--concurrency={concurrency}",
+                f"--loglevel={loglevel}",
+                "--pool=prefork",
+                "--without-gossip",
+                "--without-mingle",
+                f"--hostname=squeeze-{'-'.join(wanted)}-{os.getpid()}@%h",
+            ]
+        )
+    finally:
+        presence.stop()
 
 
 @users_cli.command("create")
@@ -153,6 +170,67 @@ def migrate() -> None:
 
     upgrade_database()
     typer.echo("database is at the newest revision")
+
+
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Only say what would be deleted.")]
+GraceOpt = Annotated[
+    float,
+    typer.Option(min=0, help="Keep unreferenced blobs younger than this many minutes: their row may be coming."),
+]
+
+
+@admin_cli.command("gc")
+def admin_gc(
+    dry_run: DryRunOpt = False,
+    grace_minutes: GraceOpt = 60,
+) -> None:
+    """Delete stored blobs that no model, dataset or artifact refers to (uploads in progress are never touched)."""
+    from datetime import timedelta
+
+    from app.admin.service import collect_garbage
+    from app.db import get_sessionmaker
+    from app.storage import get_store
+
+    with get_sessionmaker()() as s:
+        report = collect_garbage(s, get_store(), grace=timedelta(minutes=grace_minutes), dry_run=dry_run)
+    typer.echo(
+        f"gc: {'would delete' if dry_run else 'deleted'} {len(report.deleted)} unreferenced blobs "
+        f"({report.deleted_bytes} bytes); kept {report.kept_recent} younger than {grace_minutes:g} minutes"
+    )
+
+
+@admin_cli.command("retention")
+def admin_retention(
+    older_than_days: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Delete artifacts of jobs finished longer ago (default: SQUEEZE_ARTIFACT_RETENTION_DAYS)."
+        ),
+    ] = None,
+    dry_run: DryRunOpt = False,
+    grace_minutes: GraceOpt = 60,
+) -> None:
+    """Delete old jobs' artifacts, then their blobs unless another row shares them; jobs, models and datasets stay."""
+    from datetime import timedelta
+
+    from app.admin.service import expire_artifacts
+    from app.config import get_settings
+    from app.db import get_sessionmaker
+    from app.storage import get_store
+
+    days = older_than_days or get_settings().artifact_retention_days
+    if not days:
+        typer.echo("squeeze: give --older-than-days N (or set SQUEEZE_ARTIFACT_RETENTION_DAYS)", err=True)
+        raise typer.Exit(2)
+    with get_sessionmaker()() as s:
+        report = expire_artifacts(
+            s, get_store(), older_than=timedelta(days=days), grace=timedelta(minutes=grace_minutes), dry_run=dry_run
+        )
+    typer.echo(
+        f"retention: {'would delete' if dry_run else 'deleted'} {report.artifacts} artifacts "
+        f"({report.artifact_bytes} bytes) of {report.jobs} jobs finished before {report.cutoff:%Y-%m-%d %H:%M} UTC"
+        + ("" if dry_run else f"; {len(report.blobs.deleted)} blobs ({report.blobs.deleted_bytes} bytes) freed")
+    )
 
 
 register_client_commands(cli)  # login, models, datasets, jobs, download, compress: the API's client side

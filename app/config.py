@@ -68,7 +68,19 @@ class Settings(BaseSettings):
     webhook_allowed_urls: list[str] = Field(
         default_factory=list, description="URL prefixes jobs may name as notify_url (scheme, host, port, path)."
     )
-    gpu_enabled: bool = Field(False, description="Accept device=cuda jobs (a worker must serve the gpu queue).")
+    gpu_enabled: bool = Field(
+        False,
+        description="Worker: treat this machine as a GPU machine even if no GPU is detected (a worker on the gpu "
+        "queue then offers cuda; pipelines that may use CUDA get no address-space limit). Set by itself when "
+        "nvidia-smi finds a GPU. The API accepts device=cuda while a live worker offers cuda.",
+    )
+    worker_heartbeat_s: float = Field(10.0, gt=0, description="How often a worker refreshes its registry entry.")
+    worker_ttl_s: float = Field(
+        30.0, gt=0, description="A worker silent this long is no longer live (keep it a few heartbeats)."
+    )
+    artifact_retention_days: int = Field(
+        0, ge=0, description="The API deletes artifacts of jobs finished longer ago than this; 0: keep forever."
+    )
 
     def sandbox_memory_bytes(self, device: str) -> int | None:
         """RLIMIT_AS for a pipeline; None on GPU jobs (CUDA reserves far more address space than it uses)."""

@@ -117,6 +117,7 @@ class StateCollector:
 
         from app.db import get_sessionmaker
         from app.tables import Blob, CompressionJob
+        from app.workers.service import live_devices
 
         jobs = GaugeMetricFamily("squeeze_jobs", "Jobs by status", labels=["status"])
         durations = GaugeMetricFamily(
@@ -126,6 +127,7 @@ class StateCollector:
             for status, n in s.execute(select(CompressionJob.status, func.count()).group_by(CompressionJob.status)):
                 jobs.add_metric([status], n)
             stored = s.scalar(select(func.coalesce(func.sum(Blob.size_bytes), 0)))
+            workers = live_devices(s)
             rows = s.execute(
                 select(CompressionJob.spec, CompressionJob.started_at, CompressionJob.finished_at)
                 .where(CompressionJob.status == "succeeded", CompressionJob.cache_hit.is_(False))
@@ -143,6 +145,10 @@ class StateCollector:
         yield jobs
         yield durations
         yield GaugeMetricFamily("squeeze_storage_bytes", "Bytes in the blob store", value=int(stored or 0))
+        live = GaugeMetricFamily("squeeze_workers_live", "Live registered workers by device offered", labels=["device"])
+        for device in sorted({"cpu", "cuda", *workers}):
+            live.add_metric([device], workers.get(device, 0))
+        yield live
         depth = GaugeMetricFamily("squeeze_queue_depth", "Messages waiting per queue", labels=["queue"])
         for queue, n in queue_depths().items():
             depth.add_metric([queue], n)

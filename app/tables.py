@@ -17,6 +17,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """A timestamp read back from the database, with its zone: SQLite drops it, and Squeeze writes only UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
@@ -112,6 +117,8 @@ class CompressionJob(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Set when the retention policy deleted the job's artifacts (``squeeze admin retention``): the record stays.
+    artifacts_expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     artifacts: Mapped[list[Artifact]] = relationship(
         back_populates="job", order_by="Artifact.created_at", lazy="selectin"
     )
@@ -179,3 +186,25 @@ class WebhookDelivery(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WorkerNode(Base):
+    """One worker process as it registered itself: what it consumes and offers, refreshed by its heartbeats.
+
+    Live while ``expires_at`` (last heartbeat plus the worker's TTL) is ahead and it has not stopped.
+    """
+
+    __tablename__ = "worker_nodes"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("wkr"))
+    name: Mapped[str] = mapped_column(String(256))  # Celery's node name, e.g. squeeze-cpu-1234@host
+    hostname: Mapped[str] = mapped_column(String(256))
+    pid: Mapped[int] = mapped_column(Integer)
+    queues: Mapped[list[str]] = mapped_column(JSON)  # logical queues: "cpu", "gpu"
+    devices: Mapped[list[str]] = mapped_column(JSON)  # what jobs may ask for here: "cpu", "cuda"
+    gpus: Mapped[list[dict[str, Any]]] = mapped_column(JSON)  # [{"name": ..., "memory_mb": ...}]
+    concurrency: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

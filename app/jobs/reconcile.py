@@ -5,12 +5,15 @@ is restarted or emptied, or when the API dies between committing a job and enque
 its worker. Every ``reconcile_interval_s`` the API sends again the id of each job that is queued with no taker
 for ``requeue_after_s``, or running with a lease nobody renewed for three lease periods. Sending an id twice is
 harmless: a worker claims a job with one conditional UPDATE, so only one delivery ever runs it.
+
+The same loop applies ``SQUEEZE_ARTIFACT_RETENTION_DAYS`` once an hour (``app.admin.service.apply_retention``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import timedelta
 
 from sqlalchemy import and_, func, or_, select, update
@@ -21,6 +24,7 @@ from app.jobs.events import add_event
 from app.tables import CompressionJob, utcnow
 
 log = logging.getLogger("squeeze.reconcile")
+RETENTION_EVERY_S = 3600.0  # SQUEEZE_ARTIFACT_RETENTION_DAYS is applied at most this often
 
 
 def find_lost_jobs(session: Session, settings: Settings) -> list[tuple[str, str]]:
@@ -63,9 +67,18 @@ def reconcile_once(settings: Settings) -> list[str]:
 
 
 async def reconcile_forever(settings: Settings) -> None:
+    from app.admin.service import apply_retention
+
+    next_retention = 0.0
     while True:
         await asyncio.sleep(settings.reconcile_interval_s)
         try:
             await asyncio.to_thread(reconcile_once, settings)
         except Exception:
             log.exception("reconciler pass failed; trying again in %ss", settings.reconcile_interval_s)
+        if settings.artifact_retention_days and time.monotonic() >= next_retention:
+            next_retention = time.monotonic() + RETENTION_EVERY_S
+            try:
+                await asyncio.to_thread(apply_retention, settings)
+            except Exception:
+                log.exception("retention pass failed; trying again in %ss", RETENTION_EVERY_S)

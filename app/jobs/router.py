@@ -57,6 +57,7 @@ def to_public(job: CompressionJob) -> JobPublic:
             )
             for a in job.artifacts
         ],
+        artifacts_expired_at=job.artifacts_expired_at,
         webhooks=[delivery_view(d) for d in job.webhook_deliveries],
     )
 

@@ -43,6 +43,9 @@ class JobPublic(BaseModel):
     )
     report: dict[str, Any] | None = Field(description="Per-step details, notes and the environment.")
     artifacts: list[ArtifactPublic]
+    artifacts_expired_at: datetime | None = Field(
+        None, description="When the retention policy deleted this job's artifacts (the record and metrics stay)."
+    )
     webhooks: list[dict[str, Any]] = Field(
         default_factory=list, description="Deliveries of the final state to notify_url: status, attempts, error."
     )

@@ -19,6 +19,7 @@ from app.ownership import get_owned, list_owned
 from app.quotas import check_job_slots
 from app.tables import Artifact, CompressionJob, DatasetUpload, ModelUpload, User, utcnow
 from app.webhooks import check_notify_url, queue_delivery
+from app.workers.service import require_device
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -31,8 +32,10 @@ def validate_spec(
     dataset = get_owned(session, DatasetUpload, spec.dataset_id, user, "dataset") if spec.dataset_id else None
     if spec.notify_url is not None:
         check_notify_url(spec.notify_url, settings)
-    if spec.device == "cuda" and not settings.gpu_enabled:
-        raise InvalidSpec("this deployment has no GPU workers: use device 'cpu' or 'auto'", code="device_unavailable")
+    if spec.device == "cuda":
+        # The registry decides: a live worker must offer cuda now. cpu/auto jobs are accepted with no live worker
+        # (one may be starting, as `squeeze serve` starts its own) and wait in the queue.
+        require_device(session, "cuda")
     if not spec.steps and dataset is None:
         raise InvalidSpec(
             "a job without steps only evaluates the model, so it needs a dataset_id", code="dataset_required"
@@ -100,6 +103,7 @@ def create_job(
                 CompressionJob.cache_key == key,
                 CompressionJob.owner_id == user.id,
                 CompressionJob.status == "succeeded",
+                CompressionJob.artifacts_expired_at.is_(None),  # its artifacts were deleted: run it again
             )
             .order_by(CompressionJob.finished_at.desc())
             .limit(1)

@@ -7,12 +7,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import text
 
 from app.db import get_engine
-from app.deps import CurrentUser
+from app.deps import CurrentUser, SessionDep
 from app.errors import Forbidden
 from app.jobs.capabilities import CAPABILITIES, FORMATS
 from app.queue import broker_reachable
 from app.responses import errors
 from app.storage import get_store
+from app.workers.service import live_devices
 
 router = APIRouter(tags=["system"])
 
@@ -65,6 +66,7 @@ def metrics(user: CurrentUser) -> PlainTextResponse:
 
 
 @router.get("/v1/capabilities", responses=errors())
-def capabilities(user: CurrentUser) -> dict[str, Any]:
-    """Formats x methods: what each method needs (dataset, labels) and the devices it runs on."""
-    return {"formats": FORMATS, "methods": CAPABILITIES}
+def capabilities(user: CurrentUser, session: SessionDep) -> dict[str, Any]:
+    """Formats x methods: what each method needs (dataset, labels) and the devices it runs on; `live_devices`:
+    how many live workers offer each device now (a `device: cuda` job needs one)."""
+    return {"formats": FORMATS, "methods": CAPABILITIES, "live_devices": live_devices(session)}
