@@ -36,6 +36,7 @@ from app.jobs.spec import JobSpec
 from app.storage import get_store
 from app.tables import Artifact, CompressionJob, DatasetUpload, ModelUpload, utcnow
 from app.webhooks import queue_delivery
+from worker.report import render_markdown
 
 log = logging.getLogger("squeeze.worker")
 T = TypeVar("T")
@@ -339,12 +340,15 @@ def _run(job_id: str, workdir: Path) -> None:
     }
     report_path = workdir / "report.json"
     report_path.write_text(json.dumps(report, indent=2, default=str))
+    markdown_path = workdir / "report.md"
+    markdown_path.write_text(render_markdown(report))
     store = get_store()
     outputs: list[tuple[str, str, str, Path]] = []
     if result["output_path"] is not None:
         fmt = result["output_format"]
         outputs.append(("model", fmt, f"{job_id}{suffix_of(fmt)}", Path(result["output_path"])))
     outputs.append(("report", "json", f"{job_id}-report.json", report_path))
+    outputs.append(("report_markdown", "markdown", f"{job_id}-report.md", markdown_path))
     stored = [(kind, fmt, name, *store.put_file(path)) for kind, fmt, name, path in outputs]
 
     def _record() -> bool:

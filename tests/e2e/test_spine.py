@@ -127,6 +127,11 @@ def test_pt2_static_int8_roundtrip(deployment: Deployment) -> None:
 
     report = next(a for a in job["artifacts"] if a["kind"] == "report")
     assert b'"environment"' in _download(client, report)
+    # The readable report: the before/after table with the numbers of the job's metrics, and the layer table.
+    markdown = _download(client, next(a for a in job["artifacts"] if a["kind"] == "report_markdown")).decode()
+    assert "## Before and after" in markdown and "## Per layer" in markdown
+    assert f"| Accuracy (top-1) | {job['metrics']['baseline']['accuracy']:.4f} | {res['accuracy']:.4f} |" in markdown
+    assert model["sha256"] in markdown
 
 
 def test_evaluation_only_job_and_failure_is_reported(deployment: Deployment) -> None:
@@ -139,7 +144,7 @@ def test_evaluation_only_job_and_failure_is_reported(deployment: Deployment) -> 
     )
     assert job["status"] == "succeeded"
     assert job["metrics"]["result"] is None and job["metrics"]["baseline"]["samples"] == 64
-    assert [a["kind"] for a in job["artifacts"]] == ["report"]
+    assert sorted(a["kind"] for a in job["artifacts"]) == ["report", "report_markdown"]
     # Labels out of range do not break the worker: accuracy is simply measured (and low).
     x = np.load(io.BytesIO(digits_npz_bytes(n=8)))["input"]
     buf = io.BytesIO()

@@ -106,7 +106,7 @@ def test_sigkill_mid_job_reruns_once_and_succeeds(cluster: Cluster) -> None:
     job = wait_job(cluster.client, job_id, timeout=180)
     assert job["status"] == "succeeded", (job["error"], cluster.procs.log("worker")[-3000:])
     assert job["attempts"] == 2
-    assert sorted(a["kind"] for a in job["artifacts"]) == ["model", "report"]
+    assert sorted(a["kind"] for a in job["artifacts"]) == ["model", "report", "report_markdown"]
 
 
 def test_job_that_always_kills_its_worker_fails_after_max_attempts(cluster: Cluster) -> None:
