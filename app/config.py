@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,6 +31,32 @@ class Settings(BaseSettings):
     broker_url: str = Field("", description="Celery broker; empty means kombu's filesystem transport in DATA_DIR.")
     storage_dir: Path | None = Field(None, description="Content-addressed blob store; default DATA_DIR/blobs.")
     work_dir: Path | None = Field(None, description="Workers' scratch space; default DATA_DIR/work.")
+
+    # Blob storage: local disk (STORAGE_DIR, shared by API and workers), or an S3-compatible bucket, in which case
+    # API and workers share no disk: uploads spool under WORK_DIR and workers keep fetched blobs in a local cache.
+    storage_backend: Literal["local", "s3"] = Field("local", description="Where blobs live: local disk or S3.")
+    s3_endpoint_url: str = Field("", description="S3-compatible endpoint (MinIO, Ceph...); empty: AWS S3.")
+    s3_public_endpoint_url: str = Field(
+        "", description="Endpoint that clients reach, for presigned download URLs; empty: S3_ENDPOINT_URL."
+    )
+    s3_bucket: str = Field("", description="Bucket holding the blobs (created beforehand).")
+    s3_region: str = Field("us-east-1", description="The bucket's region (also the signing region).")
+    s3_prefix: str = Field(
+        "", pattern=r"^([A-Za-z0-9._-]+/)*$", description="Key prefix, for deployments sharing a bucket ('x/')."
+    )
+    s3_access_key_id: SecretStr = Field(SecretStr(""), description="Empty: boto3's default credential chain.")
+    s3_secret_access_key: SecretStr = Field(SecretStr(""))
+    s3_presigned_downloads: bool = Field(
+        False, description="Answer downloads with a 307 to a presigned URL instead of streaming through the API."
+    )
+    s3_presigned_expiry_s: int = Field(900, ge=1, le=7 * 24 * 3600, description="Lifetime of a presigned URL.")
+    s3_multipart_threshold_bytes: int = Field(
+        64 * 2**20, ge=5 * 2**20, description="Blobs at least this large are uploaded in parts (S3's minimum: 5 MiB)."
+    )
+    s3_multipart_part_bytes: int = Field(16 * 2**20, ge=5 * 2**20, le=5 * 2**30, description="Size of each part.")
+    s3_cache_max_bytes: int = Field(
+        20 * 2**30, ge=0, description="Bytes of fetched blobs a worker keeps cached (LRU); 0: no limit."
+    )
 
     max_upload_bytes: int = Field(8 * 1024**3, ge=1, description="Largest accepted upload; 413 past it.")
     max_archive_members: int = Field(1000, ge=1)
@@ -109,6 +135,12 @@ class Settings(BaseSettings):
     @property
     def resolved_work_dir(self) -> Path:
         return (self.work_dir or self.data_dir / "work").resolve()
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> Settings:
+        if self.storage_backend == "s3" and not self.s3_bucket:
+            raise ValueError("SQUEEZE_STORAGE_BACKEND=s3 needs SQUEEZE_S3_BUCKET")
+        return self
 
 
 @lru_cache

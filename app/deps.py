@@ -12,7 +12,7 @@ from app.auth.service import authenticate
 from app.config import Settings, get_settings
 from app.db import SESSION_SLOTS, get_sessionmaker
 from app.errors import Unauthorized
-from app.storage import LocalArtifactStore, get_store
+from app.storage import ArtifactStore, get_store
 from app.tables import User
 
 
@@ -34,11 +34,11 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function", max_concu
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def _store() -> LocalArtifactStore:
+def _store() -> ArtifactStore:
     return get_store()
 
 
-StoreDep = Annotated[LocalArtifactStore, Depends(_store)]
+StoreDep = Annotated[ArtifactStore, Depends(_store)]
 
 
 def current_user(request: Request, session: SessionDep) -> User:

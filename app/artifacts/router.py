@@ -1,11 +1,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 
 from app.deps import CurrentUser, SessionDep, StoreDep
-from app.downloads import file_download
-from app.errors import ServiceUnavailable
+from app.downloads import REDIRECT_RESPONSE, blob_download
 from app.jobs.router import ArtifactPublic
 from app.ownership import get_owned
 from app.responses import errors
@@ -35,20 +34,25 @@ def get_artifact(artifact_id: str, session: SessionDep, user: CurrentUser) -> Ar
     )
 
 
-@router.get("/{artifact_id}/download", response_class=FileResponse, responses=errors(400, 404, 416, 503))
+@router.get(
+    "/{artifact_id}/download",
+    response_class=FileResponse,
+    responses={**REDIRECT_RESPONSE, **errors(400, 404, 416, 503)},
+)
 def download_artifact(
     artifact_id: str, request: Request, session: SessionDep, store: StoreDep, user: CurrentUser
-) -> FileResponse:
-    """Stream the artifact. `ETag` is its sha256 (verify after download); `Range` resumes a partial download."""
+) -> Response:
+    """Stream the artifact. `ETag` is its sha256 (verify after download); `Range` resumes a partial download.
+
+    With S3 storage and presigned downloads on, the answer is a 307 to a short-lived storage URL instead.
+    """
     art = _get(session, artifact_id, user)
-    path = store.local_path(art.sha256)
-    if not path.is_file() or path.stat().st_size != art.size_bytes:
-        # Never serve bytes that are not the ones recorded (the ETag lets clients verify the full checksum).
-        raise ServiceUnavailable("the artifact's bytes are missing or damaged in storage", code="artifact_missing")
-    return file_download(
+    return blob_download(
         request,
-        path,
+        store,
         sha256=art.sha256,
+        size_bytes=art.size_bytes,
         filename=art.filename,
         media_type=MEDIA_TYPES.get(art.format, "application/octet-stream"),
+        what="artifact",
     )

@@ -8,7 +8,7 @@ from fastapi.responses import FileResponse
 from app.datasets import service
 from app.datasets.schemas import DatasetPublic, DatasetsPublic
 from app.deps import CurrentUser, SessionDep, SettingsDep, StoreDep
-from app.downloads import file_download
+from app.downloads import REDIRECT_RESPONSE, blob_download
 from app.idempotency import idempotency_key
 from app.models.router import UPLOAD_BODY
 from app.responses import errors
@@ -67,18 +67,24 @@ def get_dataset(dataset_id: str, session: SessionDep, user: CurrentUser) -> Data
     return to_public(service.get_dataset(session, dataset_id=dataset_id, user=user))
 
 
-@router.get("/{dataset_id}/download", response_class=FileResponse, responses=errors(400, 404, 416))
+@router.get(
+    "/{dataset_id}/download",
+    response_class=FileResponse,
+    responses={**REDIRECT_RESPONSE, **errors(400, 404, 416, 503)},
+)
 def download_dataset(
     dataset_id: str, request: Request, session: SessionDep, store: StoreDep, user: CurrentUser
-) -> FileResponse:
-    """The dataset's bytes as uploaded. `ETag` is the sha256; `Range` is supported."""
+) -> Response:
+    """The dataset's bytes as uploaded. `ETag` is the sha256; `Range` is supported (or a 307 to a presigned URL)."""
     d = service.get_dataset(session, dataset_id=dataset_id, user=user)
-    return file_download(
+    return blob_download(
         request,
-        store.local_path(d.sha256),
+        store,
         sha256=d.sha256,
+        size_bytes=d.size_bytes,
         filename=f"{d.id}.npz",
         media_type="application/octet-stream",
+        what="dataset",
     )
 
 

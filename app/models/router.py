@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response, status
 from fastapi.responses import FileResponse
 
 from app.deps import CurrentUser, SessionDep, SettingsDep, StoreDep
-from app.downloads import file_download
+from app.downloads import REDIRECT_RESPONSE, blob_download
 from app.idempotency import idempotency_key
 from app.models import service
 from app.models.schemas import ModelPublic, ModelsPublic
@@ -97,19 +97,25 @@ def get_model(model_id: str, session: SessionDep, user: CurrentUser) -> ModelPub
     return to_public(service.get_model(session, model_id=model_id, user=user))
 
 
-@router.get("/{model_id}/download", response_class=FileResponse, responses=errors(400, 404, 416))
+@router.get(
+    "/{model_id}/download",
+    response_class=FileResponse,
+    responses={**REDIRECT_RESPONSE, **errors(400, 404, 416, 503)},
+)
 def download_model(
     model_id: str, request: Request, session: SessionDep, store: StoreDep, user: CurrentUser
-) -> FileResponse:
-    """The model's bytes as uploaded. `ETag` is the sha256; `Range` is supported."""
+) -> Response:
+    """The model's bytes as uploaded. `ETag` is the sha256; `Range` is supported (or a 307 to a presigned URL)."""
     model = service.get_model(session, model_id=model_id, user=user)
     suffix = {"onnx": ".zip" if model.packaging == "zip" else ".onnx", "pt2": ".pt2"}.get(model.format, "")
-    return file_download(
+    return blob_download(
         request,
-        store.local_path(model.sha256),
+        store,
         sha256=model.sha256,
+        size_bytes=model.size_bytes,
         filename=f"{model.id}{suffix}",
         media_type="application/octet-stream",
+        what="model",
     )
 
 

@@ -1,7 +1,8 @@
 """Content-addressed blob storage: every stored byte string lives under its sha256.
 
 One interface (``ArtifactStore``) for the API and the workers. ``LocalArtifactStore`` keeps blobs on a local or
-shared disk; an S3-compatible store implements the same interface for workers that share no disk.
+shared disk; ``S3ArtifactStore`` (``app.storage.s3``, chosen by ``SQUEEZE_STORAGE_BACKEND=s3``) keeps them in an
+S3-compatible bucket, so that API and workers share no disk. boto3 is imported only when that backend is chosen.
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ class ArtifactStore(Protocol):
     def writer(self) -> BlobWriter: ...
     def put_file(self, path: Path) -> tuple[str, int]: ...
     def exists(self, sha256: str) -> bool: ...
-    def local_path(self, sha256: str) -> Path: ...
+    def size(self, sha256: str) -> int | None: ...
+    def local_path(self, sha256: str) -> Path:
+        """A local file with the blob's bytes (workers read it; S3 fetches it into a local cache first)."""
+        ...
+
     def delete(self, sha256: str) -> None: ...
     def verify(self, sha256: str) -> bool: ...
     def check(self) -> None: ...
@@ -136,6 +141,13 @@ class LocalArtifactStore:
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
 
+    def size(self, sha256: str) -> int | None:
+        """The stored blob's size in bytes; None when it is missing."""
+        try:
+            return self.path_for(sha256).stat().st_size
+        except FileNotFoundError:
+            return None
+
     def local_path(self, sha256: str) -> Path:
         return self.path_for(sha256)
 
@@ -223,8 +235,19 @@ def _store_at(root: Path) -> LocalArtifactStore:
     return LocalArtifactStore(root)
 
 
-def get_store() -> LocalArtifactStore:
-    """The store the settings name (cached per root, so tests that change settings get a fresh one)."""
+_s3_store: tuple[object, ArtifactStore] | None = None
+
+
+def get_store() -> ArtifactStore:
+    """The store the settings name (cached per settings, so tests that change settings get a fresh one)."""
+    global _s3_store
     from app.config import get_settings
 
-    return _store_at(get_settings().resolved_storage_dir)
+    settings = get_settings()
+    if settings.storage_backend == "s3":
+        if _s3_store is None or _s3_store[0] is not settings:
+            from app.storage.s3 import S3ArtifactStore
+
+            _s3_store = (settings, S3ArtifactStore(settings))
+        return _s3_store[1]
+    return _store_at(settings.resolved_storage_dir)
