@@ -76,6 +76,7 @@ def test_services_commands_healthchecks_and_dependencies() -> None:
     assert {"api", "worker-cpu", "worker-gpu", "postgres", "redis", "minio", "minio-init"} <= set(services)
 
     api, cpu, gpu = (services[n] for n in SQUEEZE_SERVICES)
+    assert "--hostname=squeeze-{'-'.join(wanted)}-{os.getpid()}@%h" in (ROOT / "app" / "cli.py").read_text()
     assert api["command"][:2] == ["squeeze", "serve"] and "--no-worker" in api["command"]
     for worker, queue in ((cpu, "cpu"), (gpu, "gpu")):
         command = worker["command"]
