@@ -106,28 +106,29 @@ class S3ArtifactStore:
                 aws_access_key_id=settings.s3_access_key_id.get_secret_value(),
                 aws_secret_access_key=settings.s3_secret_access_key.get_secret_value(),
             )
-        self._clients: dict[str | None, Any] = {}
+        self._clients: dict[tuple[str | None, bool], Any] = {}
         self._pid = os.getpid()
 
     # -- clients ---------------------------------------------------------------------------------------------
 
-    def _client_for(self, endpoint: str | None) -> Any:
+    def _client_for(self, endpoint: str | None, *, quick: bool = False) -> Any:
+        """A client for ``endpoint``; ``quick``: one attempt with short timeouts (for /readyz, which must answer)."""
         # A client's connection pool must not cross a fork (Celery's prefork pool forks after start-up).
         if self._pid != os.getpid():
             self._clients, self._pid = {}, os.getpid()
-        client = self._clients.get(endpoint)
+        client = self._clients.get((endpoint, quick))
         if client is None:
             config = Config(
                 signature_version="s3v4",
                 # Path-style addressing for S3-compatible servers named by URL (MinIO, moto): no bucket DNS names.
                 s3={"addressing_style": "path" if endpoint else "auto"},
-                retries={"mode": "standard", "max_attempts": 5},
-                connect_timeout=10,
-                read_timeout=120,
+                retries={"mode": "standard", "max_attempts": 1 if quick else 5},
+                connect_timeout=2 if quick else 10,
+                read_timeout=5 if quick else 120,
                 max_pool_connections=TRANSFER_THREADS * 2,
             )
             client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config, **self._client_args)
-            self._clients[endpoint] = client
+            self._clients[(endpoint, quick)] = client
         return client
 
     @property
@@ -310,7 +311,7 @@ class S3ArtifactStore:
 
     def check(self) -> None:
         """Raise if the bucket cannot be reached with these credentials (used by /readyz)."""
-        self.client.head_bucket(Bucket=self.bucket)
+        self._client_for(self._endpoint, quick=True).head_bucket(Bucket=self.bucket)
 
     def _evict(self, keep: Path) -> None:
         if not self.cache_max_bytes:

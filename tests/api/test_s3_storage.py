@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from app.config import Settings, get_settings
 from tests.support.models import digits_npz_bytes, digits_onnx_bytes
 from tests.support.s3 import S3Server, moto_server
-from tests.support.service import ROOT
+from tests.support.service import ROOT, free_port
 
 MiB = 2**20
 
@@ -36,15 +36,8 @@ def _store(s3: S3Server, tmp_path: Path, **settings: object):  # -> S3ArtifactSt
     from app.storage.s3 import S3ArtifactStore
 
     env = {k.removeprefix("SQUEEZE_").lower(): v for k, v in s3.env(s3.new_bucket()).items()}
-    return S3ArtifactStore(
-        Settings(
-            **env,
-            work_dir=tmp_path / "work",
-            s3_multipart_threshold_bytes=5 * MiB,
-            s3_multipart_part_bytes=5 * MiB,
-            **settings,
-        )
-    )
+    small_parts = {"s3_multipart_threshold_bytes": 5 * MiB, "s3_multipart_part_bytes": 5 * MiB}
+    return S3ArtifactStore(Settings(**{**env, "work_dir": tmp_path / "work", **small_parts, **settings}))
 
 
 def _keys(s3: S3Server, bucket: str) -> list[str]:
@@ -211,6 +204,12 @@ def test_readiness_checks_the_bucket(s3: S3Server, tmp_path: Path) -> None:
     store.bucket = "no-such-bucket-here"
     with pytest.raises(Exception, match=r"404|Not Found|NoSuchBucket"):
         store.check()
+    # An unreachable server: /readyz answers at once (no retries with back-off), saying so.
+    unreachable = _store(s3, tmp_path, s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="Could not connect"):
+        unreachable.check()
+    assert time.monotonic() - t0 < 3
 
 
 def test_the_backend_is_chosen_by_settings_and_boto3_loads_only_for_s3(s3: S3Server, tmp_path: Path) -> None:
