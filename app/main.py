@@ -22,6 +22,7 @@ from app.jobs.router import router as jobs_router
 from app.log_redaction import redact_access_log
 from app.models.router import router as models_router
 from app.observability import RequestContextMiddleware
+from app.openapi import install_openapi, operation_id
 from app.system.router import router as system_router
 from app.workers.router import router as workers_router
 
@@ -90,7 +91,9 @@ def create_app(*, migrate_on_start: bool = True) -> FastAPI:
         version="0.1.0",
         summary="Model compression as a service: prune, quantize, measure, download.",
         lifespan=make_lifespan(migrate_on_start),
+        generate_unique_id_function=operation_id,
     )
+    install_openapi(app)
 
     @app.exception_handler(SqueezeError)
     async def _squeeze_error(request: Request, exc: SqueezeError) -> JSONResponse:

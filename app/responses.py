@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 
 class ErrorDetail(BaseModel):
@@ -14,11 +14,51 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"error": {"code": "model_not_found", "message": "model 'mdl_x' not found", "details": {}}},
+            ]
+        }
+    )
+
     error: ErrorDetail
 
 
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """``responses=`` entries documenting the error body for each status code."""
+# One typical body per status, shown beside each documented error (the code says what to change).
+ERROR_EXAMPLES: dict[int, tuple[str, str, dict[str, Any]]] = {
+    400: ("invalid_cursor", "invalid cursor", {}),
+    401: ("missing_api_key", "send an API key as 'Authorization: Bearer <key>'", {}),
+    403: (
+        "storage_quota_exceeded",
+        "your storage quota of 10737418240 bytes is used up; delete models, datasets or jobs to make room",
+        {"quota_bytes": 10737418240},
+    ),
+    404: ("model_not_found", "model 'mdl_x' not found", {}),
+    409: ("model_in_use", "a queued or running job uses this model; cancel it first", {}),
+    413: ("payload_too_large", "the upload is larger than the configured limit", {}),
+    416: ("range_not_satisfiable", "the range is outside the file", {}),
+    422: (
+        "validation_error",
+        "invalid request: body.steps.0.sparsity: Input should be less than 1",
+        {
+            "errors": [
+                {"loc": ["body", "steps", 0, "sparsity"], "msg": "Input should be less than 1", "type": "less_than"}
+            ]
+        },
+    ),
+    429: (
+        "too_many_jobs",
+        "you have 8 jobs queued or running, the most allowed at once; wait for one to finish",
+        {"limit": 8},
+    ),
+    503: ("service_unavailable", "a dependency is unreachable", {}),
+    507: ("storage_full", "the server's storage is full", {}),
+}
+
+
+def errors(*codes: int, auth: bool = True) -> dict[int | str, dict[str, Any]]:
+    """``responses=`` entries documenting the error body for each status code (401 and 422 too with ``auth``)."""
     text = {
         400: "Malformed request",
         401: "Missing, malformed or revoked API key",
@@ -32,4 +72,14 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         503: "A dependency is unreachable",
         507: "The server's storage is full",
     }
-    return {c: {"model": ErrorResponse, "description": text.get(c, "Error")} for c in sorted({401, 422, *codes})}
+    documented = sorted({401, 422, *codes} if auth else set(codes))
+    return {c: {"model": ErrorResponse, "description": text.get(c, "Error"), **_example(c)} for c in documented}
+
+
+def _example(status: int) -> dict[str, Any]:
+    if status not in ERROR_EXAMPLES:
+        return {}
+    code, message, details = ERROR_EXAMPLES[status]
+    return {
+        "content": {"application/json": {"example": {"error": {"code": code, "message": message, "details": details}}}}
+    }

@@ -1,8 +1,20 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
+
+DATASET_EXAMPLE: dict[str, Any] = {
+    "id": "dst_5f0c2a61d3b74e0e9a4c8e2b7d1f3a90",
+    "name": "digits.npz",
+    "num_samples": 397,
+    "arrays": {"input": {"shape": [397, 1, 8, 8], "dtype": "float32"}, "labels": {"shape": [397], "dtype": "int64"}},
+    "has_labels": True,
+    "sha256": "4e3d2c1b0a9f8e7d6c5b4a39281706f5e4d3c2b1a0f9e8d7c6b5a49382716051",
+    "size_bytes": 102430,
+    "created_at": "2026-11-27T23:38:53.004000Z",
+}
 
 
 class ArrayInfo(BaseModel):
@@ -11,6 +23,8 @@ class ArrayInfo(BaseModel):
 
 
 class DatasetPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [DATASET_EXAMPLE]})
+
     id: str
     name: str
     num_samples: int
@@ -22,5 +36,7 @@ class DatasetPublic(BaseModel):
 
 
 class DatasetsPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [DATASET_EXAMPLE], "next_cursor": None}]})
+
     items: list[DatasetPublic]
     next_cursor: str | None

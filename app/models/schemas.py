@@ -3,7 +3,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+MODEL_EXAMPLE: dict[str, Any] = {
+    "id": "mdl_88801936e32540db99af1ceabc907d0f",
+    "name": "digits.onnx",
+    "format": "onnx",
+    "packaging": "file",
+    "size_bytes": 154399,
+    "sha256": "9c1d0e3f4b5a69788796a5b4c3d2e1f00112233445566778899aabbccddeeff0",
+    "created_at": "2026-11-27T23:38:52.120000Z",
+    "inputs": [{"name": "input", "shape": ["batch", 1, 8, 8], "dtype": "float32"}],
+    "outputs": [{"name": "logits", "shape": ["batch", 10], "dtype": "float32"}],
+    "parameters": 38282,
+    "details": {"opset": 17, "producer": "pytorch"},
+}
 
 
 class TensorSpecPublic(BaseModel):
@@ -13,6 +27,8 @@ class TensorSpecPublic(BaseModel):
 
 
 class ModelPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [MODEL_EXAMPLE]})
+
     id: str
     name: str
     format: str = Field(description="Detected from the content: 'onnx' or 'pt2'.")
@@ -27,5 +43,7 @@ class ModelPublic(BaseModel):
 
 
 class ModelsPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [MODEL_EXAMPLE], "next_cursor": None}]})
+
     items: list[ModelPublic]
     next_cursor: str | None

@@ -3,7 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy import text
 
 from app.db import get_engine
@@ -11,20 +11,40 @@ from app.deps import CurrentUser, SessionDep
 from app.errors import Forbidden
 from app.jobs.capabilities import CAPABILITIES, FORMATS
 from app.queue import broker_reachable
-from app.responses import errors
+from app.responses import ErrorResponse, errors
 from app.storage import get_store
 from app.workers.service import live_devices
 
 router = APIRouter(tags=["system"])
 
+READY_EXAMPLE = {"status": "ready", "checks": {"database": "ok", "broker": "ok", "storage": "ok"}}
+NOT_READY_EXAMPLE = {
+    "error": {
+        "code": "not_ready",
+        "message": "a dependency is unreachable",
+        "details": {"database": "ok", "broker": "error: unreachable", "storage": "ok"},
+    }
+}
+METRICS_EXAMPLE = '# TYPE squeeze_jobs gauge\nsqueeze_jobs{status="running"} 2.0\n'
 
-@router.get("/healthz")
+
+@router.get("/healthz", responses={200: {"content": {"application/json": {"example": {"status": "ok"}}}}})
 def healthz() -> dict[str, str]:
     """The process is up (no dependency is checked)."""
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "A dependency is unreachable"}})
+@router.get(
+    "/readyz",
+    responses={
+        200: {"content": {"application/json": {"example": READY_EXAMPLE}}},
+        503: {
+            "model": ErrorResponse,
+            "description": "A dependency is unreachable",
+            "content": {"application/json": {"example": NOT_READY_EXAMPLE}},
+        },
+    },
+)
 def readyz() -> JSONResponse:
     """Database, broker and storage are all reachable; 503 names those that are not."""
     checks: dict[str, str] = {}
@@ -51,8 +71,14 @@ def readyz() -> JSONResponse:
 
 @router.get(
     "/metrics",
-    response_class=JSONResponse,  # for the error bodies; the metrics themselves are text, documented below
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}, **errors(403)},
+    response_class=Response,  # so that only the text is documented for 200 (errors are JSON all the same)
+    responses={
+        200: {
+            "content": {"text/plain": {"schema": {"type": "string"}, "example": METRICS_EXAMPLE}},
+            "description": "Prometheus text format",
+        },
+        **errors(403),
+    },
 )
 def metrics(user: CurrentUser) -> PlainTextResponse:
     """Prometheus metrics (admin key): requests and latency by route, jobs by status, queue depth, storage."""
@@ -65,7 +91,19 @@ def metrics(user: CurrentUser) -> PlainTextResponse:
     return PlainTextResponse(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/capabilities", responses=errors())
+@router.get(
+    "/v1/capabilities",
+    responses={
+        200: {
+            "content": {
+                "application/json": {
+                    "example": {"formats": FORMATS, "methods": CAPABILITIES, "live_devices": {"cpu": 2, "cuda": 1}}
+                }
+            }
+        },
+        **errors(),
+    },
+)
 def capabilities(user: CurrentUser, session: SessionDep) -> dict[str, Any]:
     """Formats x methods: what each method needs (dataset, labels) and the devices it runs on; `live_devices`:
     how many live workers offer each device now (a `device: cuda` job needs one)."""

@@ -1,11 +1,27 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 WorkerStatus = Literal["live", "stale", "stopped"]
+
+WORKER_EXAMPLE: dict[str, Any] = {
+    "id": "wrk_6a1f0c9e2b7d4e3f8a5c1b2d3e4f5a6b",
+    "name": "squeeze-cpu-4182@build-01",
+    "hostname": "build-01",
+    "pid": 4182,
+    "status": "live",
+    "queues": ["cpu"],
+    "devices": ["cpu"],
+    "gpus": [],
+    "concurrency": 2,
+    "version": "0.1.0",
+    "started_at": "2026-11-27T23:30:02.114000Z",
+    "last_seen_at": "2026-11-27T23:41:12.380000Z",
+    "stopped_at": None,
+}
 
 
 class GpuPublic(BaseModel):
@@ -32,5 +48,7 @@ class WorkerPublic(BaseModel):
 
 
 class WorkersPublic(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"items": [WORKER_EXAMPLE], "live_devices": {"cpu": 1}}]})
+
     items: list[WorkerPublic]
     live_devices: dict[str, int] = Field(description="Live workers offering each device.")
