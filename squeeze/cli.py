@@ -675,6 +675,27 @@ def compress(
         out.print(f"saved {path}", highlight=False)
 
 
+@handles_errors
+def decode(
+    file: Annotated[
+        Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="A .sqz file (encode/squeeze result).")
+    ],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to write the ONNX model (default: FILE.onnx).")
+    ] = None,
+) -> None:
+    """Decode a .sqz file (the result of an encode/squeeze step) into a plain ONNX model; needs no server."""
+    from squeeze.loader import SqueezeFormatError
+    from squeeze.loader import decode as decode_sqz
+
+    try:
+        path = decode_sqz(file, output or file.with_suffix(".onnx"))
+    except SqueezeFormatError as exc:
+        raise UsageProblem(f"{file}: {exc}") from None
+    err.print(f"{file} ({_size(file.stat().st_size)}) -> {path} ({_size(path.stat().st_size)})", highlight=False)
+    print(path)
+
+
 def register(app: typer.Typer) -> None:
     """Add the client commands to the ``squeeze`` typer app."""
     app.command("login", epilog=EPILOG)(login)
@@ -684,3 +705,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(jobs_cli, name="jobs", epilog=EPILOG)
     app.command("download", epilog=EPILOG)(download)
     app.command("compress", help=COMPRESS_HELP, epilog=EPILOG)(compress)
+    app.command("decode", epilog=EPILOG)(decode)

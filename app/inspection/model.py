@@ -22,6 +22,7 @@ from app.inspection.safetensors_header import looks_like_safetensors, read_safet
 from app.inspection.schemas import ACCEPTED_MODELS, ModelInspection
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_SQUEEZE_MAGIC = b"SQZ"  # squeeze.loader.MAGIC without its version digit (the API does not import the loader)
 _PICKLE_SNIFF_BYTES = 1024**2
 # Members by which torch.save archives and older pickled exports give themselves away.
 _PICKLE_MEMBERS = ("data.pkl", "serialized_state_dict.pt", "serialized_constants.pt", "serialized_example_inputs.pt")
@@ -68,6 +69,12 @@ def inspect_model(
             f"This safetensors file holds {len(tensors)} weight tensors but not the network that uses them. "
             f"Accepted: {ACCEPTED_MODELS}.",
             code="weights_without_architecture",
+        )
+    if head.startswith(_SQUEEZE_MAGIC):
+        raise InvalidUpload(
+            "This is a Squeeze storage file (.sqz), an output-only format. Decode it first "
+            f"(`squeeze decode FILE -o model.onnx`) and upload the .onnx. Accepted: {ACCEPTED_MODELS}.",
+            code="unsupported_format",
         )
     if head.startswith(b"\x93NUMPY"):
         raise InvalidUpload(

@@ -14,8 +14,8 @@ QuantizeStepT = QuantizeInt8Dynamic | QuantizeInt8Static | QuantizeFp16
 
 
 class FormatBackend(Protocol):
-    name: str  # "onnx" | "pt2": also the output format
-    suffix: str  # file suffix of a saved model: ".onnx" | ".pt2"
+    name: str  # "onnx" | "pt2" | "squeeze": also the output format
+    suffix: str  # file suffix of a saved model: ".onnx" | ".pt2" | ".sqz"
 
     def open_runner(self, path: Path, device: str) -> Runner:
         """Load the model for inference on ``device`` ("cpu" | "cuda")."""
@@ -52,6 +52,10 @@ def get_backend(fmt: str) -> FormatBackend:
         from worker.compress.pt2_format import Pt2Backend
 
         return Pt2Backend()
+    if fmt == "squeeze":
+        from worker.compress.squeeze_format import SqueezeBackend
+
+        return SqueezeBackend()
     from worker.compress.types import CompressionError
 
     raise CompressionError("unsupported_format", f"no backend for format {fmt!r}")

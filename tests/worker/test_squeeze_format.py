@@ -1,0 +1,404 @@
+"""The squeeze storage encoding (``encode/squeeze``, ``.sqz``) and its loader, on the digits CNN and hand-made graphs.
+
+Decoded models are run with a bare ``onnxruntime.InferenceSession`` on what ``squeeze.loader`` returns, the way a
+user would. Malformed files must be refused with ``SqueezeFormatError`` and a message, never a crash or a huge
+allocation.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import zstandard
+from onnx import TensorProto, helper, numpy_helper
+
+from app.errors import InvalidUpload
+from app.inspection import inspect_model
+from app.jobs.spec import EncodeSqueeze, EvalOptions, PruneMagnitude, QuantizeInt8Dynamic
+from squeeze.loader import MAGIC, PREAMBLE, SqueezeFormatError, decode, load_onnx, read_header
+from tests.support.models import digits_npz_bytes, digits_onnx_bytes
+from worker.compress.onnx_format import OnnxBackend
+from worker.compress.pipeline import PipelineResult, run_pipeline
+from worker.compress.squeeze_format import encode_model
+from worker.compress.types import EvalData
+
+FAST = EvalOptions(batch_size=64, latency_runs=3, warmup_runs=1, layer_sensitivity="off")
+
+
+@pytest.fixture(scope="module")
+def digits_data() -> EvalData:
+    arrays = np.load(io.BytesIO(digits_npz_bytes()))
+    return EvalData({"input": arrays["input"]}, arrays["labels"])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("squeeze")
+
+
+@pytest.fixture(scope="module")
+def digits(workdir: Path) -> Path:
+    path = workdir / "digits.onnx"
+    path.write_bytes(digits_onnx_bytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def pruned(digits: Path, workdir: Path) -> Path:
+    path = workdir / "pruned90.onnx"
+    OnnxBackend().prune_magnitude(digits, path, PruneMagnitude(method="magnitude", sparsity=0.9))
+    return path
+
+
+@pytest.fixture(scope="module")
+def encoded_job(digits: Path, digits_data: EvalData, workdir: Path) -> PipelineResult:
+    """prune magnitude 0.9 -> encode squeeze (8 bits), measured by the pipeline."""
+    run = workdir / "job"
+    run.mkdir()
+    return run_pipeline(
+        model_path=digits,
+        fmt="onnx",
+        steps=[PruneMagnitude(method="magnitude", sparsity=0.9), EncodeSqueeze(method="squeeze")],
+        data=digits_data,
+        options=FAST,
+        device="cpu",
+        workdir=run,
+    )
+
+
+def ort_logits(model: onnx.ModelProto | Path, data: EvalData) -> np.ndarray:
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": data.inputs["input"]})[0]
+
+
+def accuracy(logits: np.ndarray, data: EvalData) -> float:
+    return float((logits.argmax(axis=1) == data.labels).mean())
+
+
+def raw_patterns(tensor: TensorProto) -> bytes:
+    array = numpy_helper.to_array(tensor)
+    return np.ascontiguousarray(array).view(f"u{array.dtype.itemsize}").astype(f"<u{array.dtype.itemsize}").tobytes()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Through the pipeline: what a job reports
+
+
+def test_job_result_is_a_small_sqz_whose_decoded_model_scores_as_reported(
+    encoded_job: PipelineResult, pruned: Path, digits_data: EvalData
+) -> None:
+    result = encoded_job.result
+    assert result is not None and encoded_job.output_format == "squeeze"
+    assert encoded_job.output_path is not None and encoded_job.output_path.suffix == ".sqz"
+    assert result.size_bytes == encoded_job.output_path.stat().st_size
+    assert "decoded from squeeze" in result.runtime
+    assert encoded_job.baseline.size_bytes / result.size_bytes > 15
+    assert result.parameters == encoded_job.baseline.parameters and 0.85 < result.sparsity < 0.95
+
+    decoded = load_onnx(encoded_job.output_path)
+    assert accuracy(ort_logits(decoded, digits_data), digits_data) == pytest.approx(result.accuracy, abs=1e-12)
+    # 8-bit values cost the pruned model at most half a point (the issue's bound); its logits barely move.
+    pruned_logits = ort_logits(pruned, digits_data)
+    decoded_logits = ort_logits(decoded, digits_data)
+    assert abs(accuracy(decoded_logits, digits_data) - accuracy(pruned_logits, digits_data)) <= 0.005
+    assert np.abs(decoded_logits - pruned_logits).max() < 0.05 * np.abs(pruned_logits).max()
+    assert result.layers is not None
+    quantized_rows = [row for row in result.layers if row.get("encoding") == "quantized"]
+    assert {row["name"] for row in quantized_rows} == {"0.weight", "2.weight", "6.weight", "8.weight"}
+    assert all(row["bits"] == 8 for row in quantized_rows)
+
+
+def test_weights_within_ten_percent_of_their_entropy_bound(encoded_job: PipelineResult, pruned: Path) -> None:
+    details = encoded_job.steps[-1].details
+    assert details["bound_ratio"] <= 1.10, details
+    assert details["weights_bytes"] == sum(row["encoded_bytes"] for row in details["tensors"])
+    assert details["entropy_bound_bytes"] == pytest.approx(sum(row["bound_bytes"] for row in details["tensors"]), 0.01)
+    assert details["encoded_bytes"] == encoded_job.result.size_bytes  # type: ignore[union-attr]
+    assert details["encoded_bytes"] == details["weights_bytes"] + details["graph_bytes"] + details["header_bytes"]
+    # Well under half of what zstd makes of the pruned .onnx itself (18.8 KB here).
+    plain_zstd = len(zstandard.ZstdCompressor(level=19).compress(pruned.read_bytes()))
+    assert details["encoded_bytes"] * 2 < plain_zstd
+    # Every pruned weight is stored as a quantized tensor; biases losslessly.
+    encodings = {row["name"]: row["encoding"] for row in details["tensors"]}
+    assert encodings["6.weight"] == "quantized" and encodings["6.bias"] in ("dense", "sparse")
+    assert 0 < details["value_error"]["relative_rmse"] < 0.01
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_values_within_half_a_step_and_zeros_exact(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    conv = rng.standard_normal((6, 3, 3, 3)).astype(np.float32) * rng.uniform(0.01, 3, (6, 1, 1, 1)).astype(np.float32)
+    conv[rng.random(conv.shape) < 0.8] = 0
+    conv[5] = 0  # an all-zero channel
+    matmul = rng.standard_normal((20, 7)).astype(np.float32)  # [in, out]: one scale per column
+    matmul[rng.random(matmul.shape) < 0.5] = 0
+    model = _graph({"conv": conv, "mm": matmul})
+    encoded = encode_model(model, {"conv": 0, "mm": 1}, value_bits=bits, level=3)
+    decoded = {t.name: numpy_helper.to_array(t) for t in load_onnx(encoded.data).graph.initializer}
+    for name, original, axis in (("conv", conv, 0), ("mm", matmul, 1)):
+        got = decoded[name]
+        assert got.dtype == original.dtype and got.shape == original.shape
+        assert np.array_equal(got == 0, original == 0)  # the mask is exact: zeros stay, non-zeros stay
+        moved, err = np.moveaxis(original, axis, 0), np.moveaxis(np.abs(got - original), axis, 0)
+        half_step = np.abs(moved.reshape(len(moved), -1)).max(axis=1) / 2 ** (bits - 1) / 2
+        assert np.all(err.reshape(len(err), -1).max(axis=1) <= half_step * 1.002 + 1e-12)
+
+
+def test_lossless_tensors_are_bit_exact() -> None:
+    rng = np.random.default_rng(1)
+    bias = rng.standard_normal(50).astype(np.float32)
+    bias[:3] = [-0.0, np.nan, np.inf]
+    sparse_int8 = np.where(rng.random((40, 30)) < 0.9, 0, rng.integers(-128, 127, (40, 30))).astype(np.int8)
+    tensors = {
+        "bias": bias,
+        "sparse_int8": sparse_int8,
+        "zp_uint8": np.where(rng.random(300) < 0.7, 128, rng.integers(0, 255, 300)).astype(np.uint8),
+        "half": rng.standard_normal((4, 5)).astype(np.float16),
+        "bf16": helper.make_tensor("bf16", TensorProto.BFLOAT16, [3, 3], rng.bytes(18), raw=True),
+        "shape": np.array([1, -1], dtype=np.int64),
+        "flags": np.array([True, False, True]),
+        "empty": np.zeros((0, 4), dtype=np.float32),
+    }
+    model = _graph(tensors)
+    original = onnx.ModelProto()
+    original.CopyFrom(model)
+    # NaN and inf are never quantized: a quantized weight with them falls back to lossless storage too.
+    encoded = encode_model(model, {"bias": 0}, value_bits=4, level=19)
+    encodings = {t.entry["name"]: t.entry["encoding"] for t in encoded.tensors}
+    assert encodings["sparse_int8"] == "sparse" and encodings["zp_uint8"] == "sparse" and encodings["bias"] == "dense"
+    decoded = load_onnx(encoded.data)
+    before = {t.name: t for t in original.graph.initializer}
+    for tensor in decoded.graph.initializer:
+        assert tensor.data_type == before[tensor.name].data_type and tensor.dims == before[tensor.name].dims
+        assert raw_patterns(tensor) == raw_patterns(before[tensor.name]), tensor.name
+    assert decoded.graph.node == original.graph.node and decoded.opset_import == original.opset_import
+
+
+def test_int8_model_keeps_its_int8_weights_exactly(pruned: Path, digits_data: EvalData, workdir: Path) -> None:
+    int8 = workdir / "pruned_int8.onnx"
+    backend = OnnxBackend()
+    backend.quantize(pruned, int8, QuantizeInt8Dynamic(method="int8_dynamic"), None, "cpu")
+    model = onnx.load(str(int8))
+    int8_names = {t.name for t in model.graph.initializer if t.data_type in (TensorProto.INT8, TensorProto.UINT8)}
+    assert int8_names
+    from worker.compress.squeeze_format import encode_squeeze
+    from worker.compress.types import StepContext
+
+    ctx = StepContext(data=None, device="cpu", original=pruned, original_format="onnx", workdir=workdir)
+    report = encode_squeeze(backend, int8, workdir / "int8.sqz", EncodeSqueeze(method="squeeze"), ctx)
+    assert report.output_format == "squeeze"
+    decoded = {t.name: t for t in load_onnx(workdir / "int8.sqz").graph.initializer}
+    for tensor in model.graph.initializer:
+        if tensor.name in int8_names or tensor.data_type != TensorProto.FLOAT or len(tensor.dims) < 2:
+            assert raw_patterns(decoded[tensor.name]) == raw_patterns(tensor), tensor.name
+    rows = {row["name"]: row for row in report.details["tensors"]}
+    assert all(rows[name]["encoding"] in ("dense", "sparse") for name in int8_names)
+
+
+def test_decode_writes_an_onnx_file_and_sqz_uploads_are_refused(encoded_job: PipelineResult, workdir: Path) -> None:
+    assert encoded_job.output_path is not None
+    out = decode(encoded_job.output_path, workdir / "decoded.onnx")
+    onnx.checker.check_model(str(out))
+    header = read_header(encoded_job.output_path)
+    assert {t.name for t in header.tensors} >= {"0.weight", "6.weight"}
+    upload = workdir / "upload"
+    upload.mkdir()
+    with pytest.raises(InvalidUpload) as refused:
+        inspect_model(encoded_job.output_path, upload)
+    assert refused.value.code == "unsupported_format" and "squeeze decode" in refused.value.message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Malformed files
+
+
+@pytest.fixture(scope="module")
+def good_file(pruned: Path) -> bytes:
+    model = onnx.load(str(pruned))
+    return encode_model(model, {"0.weight": 0, "2.weight": 0, "6.weight": 0, "8.weight": 0}, value_bits=6, level=3).data
+
+
+def _parts(data: bytes) -> tuple[dict[str, Any], bytes]:
+    _, stored, _ = PREAMBLE.unpack_from(data)
+    header = json.loads(zstandard.ZstdDecompressor().decompress(data[PREAMBLE.size : PREAMBLE.size + stored]))
+    return header, data[PREAMBLE.size + stored :]
+
+
+def _forge(header: dict[str, Any], payload: bytes, fix_crc: bool = True) -> bytes:
+    if fix_crc:
+        header = {**header, "payload_bytes": len(payload), "payload_crc32": zlib.crc32(payload)}
+    raw = json.dumps(header).encode()
+    packed = zstandard.ZstdCompressor().compress(raw)
+    return PREAMBLE.pack(MAGIC, len(packed), len(raw)) + packed + payload
+
+
+def _tensor(header: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(t for t in header["tensors"] if t["name"] == name)
+
+
+def test_truncated_files_are_refused(good_file: bytes) -> None:
+    header_end = PREAMBLE.size + PREAMBLE.unpack_from(good_file)[1]
+    for length in (0, 3, 11, header_end - 1, header_end, header_end + 100, len(good_file) - 1):
+        with pytest.raises(SqueezeFormatError, match=r"shorter|truncated|zstd|header"):
+            load_onnx(good_file[:length])
+    with pytest.raises(SqueezeFormatError, match="no SQZ1 magic"):
+        load_onnx(digits_onnx_bytes())
+    with pytest.raises(SqueezeFormatError, match=r"unsupported \.sqz version"):
+        load_onnx(b"SQZ2" + good_file[4:])
+
+
+def test_corrupted_payload_is_caught_by_its_checksum(good_file: bytes) -> None:
+    corrupted = bytearray(good_file)
+    corrupted[-10] ^= 0x40
+    with pytest.raises(SqueezeFormatError, match="CRC-32"):
+        load_onnx(bytes(corrupted))
+
+
+def _mutations(header: dict[str, Any], payload: bytes) -> list[tuple[str, bytes]]:
+    """(expected message, forged file) pairs: each a header or payload that lies about itself."""
+    cases: list[tuple[str, bytes]] = []
+
+    def case(message: str, edit: Any, new_payload: bytes | None = None) -> None:
+        forged = json.loads(json.dumps(header))
+        edit(forged)
+        cases.append((message, _forge(forged, payload if new_payload is None else new_payload)))
+
+    def set_(name: str, key: str, value: Any) -> Any:
+        return lambda h: _tensor(h, name).__setitem__(key, value)
+
+    def set_stream(name: str, stream: str, key: str, value: Any) -> Any:
+        return lambda h: _tensor(h, name)["streams"][stream].__setitem__(key, value)
+
+    huge = 2**40
+    case("over the limit", set_("6.weight", "shape", [2**30, 2**30]))
+    case("over the limit|exceed", set_("6.bias", "shape", [2**29]))
+    case("must be an integer", set_("6.weight", "shape", [64, -512]))
+    case("must be an integer", set_("6.weight", "shape", [64, "512"]))
+    case("at most 64 dimensions", set_("6.weight", "shape", [1] * 65))
+    case("must be an integer", set_("6.weight", "nonzeros", -1))
+    case("must be an integer", set_("6.weight", "nonzeros", 10**6))
+    case("must be an integer", set_stream("6.weight", "values", "offset", huge))
+    case("must be an integer", set_stream("6.weight", "values", "length", huge))
+    case("must be an integer", set_stream("6.weight", "values", "offset", -5))
+    case("stream is .* bytes; its shape and counts allow", set_stream("6.weight", "values", "raw_length", huge))
+    case("streams", lambda h: _tensor(h, "6.weight")["streams"].pop("scales"))
+    case("dtype must be one of", set_("6.weight", "dtype", "complex64"))
+    case("encoding must be one of", set_("6.weight", "encoding", "pickle"))
+    case("codec must be one of", set_stream("6.weight", "values", "codec", "lzma"))
+    case("value_bits must be", set_("6.weight", "value_bits", 1))
+    case("axis must be an integer", set_("6.weight", "axis", 2))
+    case("duplicate name", lambda h: h["tensors"].append(h["tensors"][0]))
+    case("no placeholder", set_("6.bias", "name", "not.in.graph"))
+    case("graph declares", set_("6.bias", "shape", [8, 8]))
+    case("header: format", lambda h: h.__setitem__("version", 2))
+    case("name must be a non-empty string", set_("6.bias", "name", ""))
+    case("stream is", set_stream("6.weight", "values", "raw_length", _tensor(header, "6.weight")["nonzeros"] - 1))
+    evil_graph, evil_payload = _external_graph(header, payload)
+    case("graph: refers to external data", lambda h: h.__setitem__("graph", evil_graph), evil_payload)
+
+    # A zstd frame that announces a terabyte: refused before any buffer is made.
+    values = _tensor(header, "6.weight")["streams"]["values"]
+    lie = _frame_claiming(huge)
+    case(
+        "the zstd frame holds 1099511627776 bytes",
+        lambda h: _tensor(h, "6.weight")["streams"].__setitem__(
+            "values", {**values, "offset": len(payload), "length": len(lie), "codec": "zstd"}
+        ),
+        payload + lie,
+    )
+
+    # Streams replaced by raw bytes appended to the payload: positions past the tensor or disagreeing with the
+    # count, symbols wider than value_bits, a non-finite scale.
+    def replaced(message: str, stream: str, raw: bytes, **fields: Any) -> None:
+        at = {"offset": len(payload), "length": len(raw), "raw_length": len(raw), "codec": "none"}
+        case(
+            message,
+            lambda h: _tensor(h, "6.weight").update(fields, streams={**weight["streams"], stream: at}),
+            payload + raw,
+        )
+
+    weight = _tensor(header, "6.weight")
+    replaced("past the end", "positions", bytes([254]) * weight["nonzeros"], positions="gaps")  # each skips 254
+    replaced("the bitmask marks", "positions", b"\xff" * (64 * 512 // 8), positions="bitmask")
+    replaced("does not fit in 4 bits", "values", b"\xff" * weight["nonzeros"], value_bits=4)
+    replaced("scale is not finite", "scales", np.full(64, np.inf, dtype="<f2").tobytes())
+    return cases
+
+
+def _frame_claiming(size: int) -> bytes:
+    """A zstd frame header that states a content size of ``size`` bytes, followed by one empty raw block."""
+    # Frame header descriptor 0xE0: 8-byte content size, single segment; then last raw block of length 0.
+    return struct.pack("<IBQ", 0xFD2FB528, 0xE0, size) + b"\x01\x00\x00"
+
+
+def _external_graph(header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+    """A graph stream (and the payload holding it) whose extra initializer points at a file outside."""
+    graph_stream = header["graph"]
+    raw = zstandard.ZstdDecompressor().decompress(
+        payload[graph_stream["offset"] : graph_stream["offset"] + graph_stream["length"]]
+    )
+    model = onnx.ModelProto()
+    model.ParseFromString(raw)
+    evil = model.graph.initializer.add()
+    evil.name, evil.data_type, evil.data_location = "evil", TensorProto.FLOAT, TensorProto.EXTERNAL
+    evil.external_data.add(key="location", value="../../etc/passwd")
+    new_graph = model.SerializeToString()
+    stream = {"offset": len(payload), "length": len(new_graph), "raw_length": len(new_graph), "codec": "none"}
+    return stream, payload + new_graph
+
+
+def test_headers_and_streams_that_lie_are_refused_with_a_message(good_file: bytes) -> None:
+    header, payload = _parts(good_file)
+    load_onnx(_forge(header, payload))  # the forger itself writes valid files
+    for message, forged in _mutations(header, payload):
+        with pytest.raises(SqueezeFormatError, match=message):
+            load_onnx(forged)
+
+
+def test_random_damage_never_escapes_as_another_exception(good_file: bytes) -> None:
+    header, payload = _parts(good_file)
+    rng = np.random.default_rng(7)
+    refused = 0
+    for trial in range(300):
+        if trial % 2:  # anywhere in the file: preamble, header or (CRC-protected) payload
+            data = bytearray(good_file)
+            targets = rng.integers(0, len(data), rng.integers(1, 4))
+        else:  # inside the payload with the checksum made to match: the stream checks must hold on their own
+            data = bytearray(payload)
+            targets = rng.integers(0, len(data), rng.integers(1, 4))
+        for i in targets:
+            data[i] = int(rng.integers(0, 256))
+        blob = bytes(data) if trial % 2 else _forge(header, bytes(data))
+        try:
+            load_onnx(blob)
+        except SqueezeFormatError as exc:
+            assert str(exc)
+            refused += 1
+    assert refused > 100
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _graph(tensors: dict[str, np.ndarray | TensorProto]) -> onnx.ModelProto:
+    """A graph that just lists ``tensors`` as initializers and outputs the first (enough to encode and decode)."""
+    initializers = [
+        value if isinstance(value, TensorProto) else numpy_helper.from_array(value, name)
+        for name, value in tensors.items()
+    ]
+    first = next(iter(tensors))
+    node = helper.make_node("Identity", [first], ["out"])
+    out = helper.make_tensor_value_info("out", initializers[0].data_type, None)
+    graph = helper.make_graph([node], "g", [], [out], initializer=initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
