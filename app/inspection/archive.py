@@ -94,6 +94,18 @@ def normalize_member_name(name: str) -> str:
     return "/".join(segments)
 
 
+def single_root(names: list[str]) -> tuple[str, set[str]] | None:
+    """(root folder, member names below it) when every normalised name lies in one root folder, else None.
+
+    torch.export and torch.jit.save archives both keep everything under one folder named after the file.
+    """
+    roots = {n.split("/", 1)[0] for n in names}
+    if len(roots) != 1:
+        return None
+    root = next(iter(roots))
+    return root, {n[len(root) + 1 :] for n in names if n.startswith(root + "/")}
+
+
 def _declared_entry_count(path: Path) -> int | None:
     """Entries the end-of-central-directory record declares, read before zipfile parses the whole directory."""
     try:

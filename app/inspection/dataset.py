@@ -157,7 +157,8 @@ def _kind(dtype: str) -> str:
 
 
 def _describe(spec: TensorSpec) -> str:
-    return f"'{spec.name}' ({spec.dtype}, shape {spec.shape})"
+    shape = "not recorded" if spec.shape is None else spec.shape
+    return f"'{spec.name}' ({spec.dtype or 'dtype not recorded'}, shape {shape})"
 
 
 def _mismatch(message: str, **details: Any) -> InvalidUpload:
@@ -203,6 +204,8 @@ def check_dataset_for_model(model: ModelInspection, dataset: DatasetInspection) 
 
     for array_name, input_name in mapping.items():
         array, spec = arrays[array_name], by_name[input_name]
+        if spec.shape is None or spec.dtype is None:
+            continue  # not recorded in the model file (a scripted TorchScript module): the worker's run decides
         expected = spec.shape[1:]
         got = array.shape[1:]
         static_ok = len(spec.shape) >= 1 and len(got) == len(expected)

@@ -20,6 +20,7 @@ from app.inspection.pickle_scan import PICKLE_REFUSAL, looks_like_pickle, parses
 from app.inspection.pt2 import inspect_pt2, is_pt2_layout
 from app.inspection.safetensors_header import looks_like_safetensors, read_safetensors_header
 from app.inspection.schemas import ACCEPTED_MODELS, ModelInspection
+from app.inspection.torchscript import inspect_torchscript, is_torchscript_layout
 
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 _SQUEEZE_MAGIC = b"SQZ"  # squeeze.loader.MAGIC without its version digit (the API does not import the loader)
@@ -100,11 +101,11 @@ def _inspect_zip(
 ) -> ModelInspection:
     with open_zip(path, max_members=max(max_members, max_pt2_members)) as zf:
         names = [i.orig_filename for i in zf.infolist()]
-        # The layout decides the member limit: a .pt2 keeps one file per weight tensor.
-        looks_pt2 = any(n.endswith("/archive_format") for n in names)
+        # The layout decides the member limit: a .pt2 and a TorchScript archive keep one file per weight tensor.
+        looks_torch = any(n.endswith(("/archive_format", "/constants.pkl")) for n in names)
         members = check_zip_members(
             zf,
-            max_members=max_pt2_members if looks_pt2 else max_members,
+            max_members=max_pt2_members if looks_torch else max_members,
             max_total_bytes=max_total_bytes,
             max_ratio=max_ratio,
         )
@@ -113,6 +114,8 @@ def _inspect_zip(
             raise InvalidUpload(f"The archive is empty. Accepted: {ACCEPTED_MODELS}.", code="invalid_archive")
         if is_pt2_layout(files):
             return inspect_pt2(zf, members, size_bytes=size)
+        if is_torchscript_layout(files):  # told from a torch.save pickle ZIP by code/ and constants.pkl
+            return inspect_torchscript(zf, members, size_bytes=size)
         if any(f.rsplit("/", 1)[-1] in _PICKLE_MEMBERS for f in files):
             raise _pickle_refused()
         onnx_files = [f for f in files if f.lower().endswith(".onnx")]

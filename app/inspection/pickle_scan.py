@@ -15,8 +15,9 @@ from app.errors import InvalidUpload
 
 PICKLE_REFUSAL = (
     "Pickled checkpoints (torch.save, .pt/.pth/.pkl) are not accepted: loading a pickle can execute arbitrary "
-    "code. Export the model with torch.export (torch.export.save(..., 'model.pt2')) or to ONNX "
-    "(torch.onnx.export) and upload that instead."
+    "code. Export the model with torch.export (torch.export.save(..., 'model.pt2')), to ONNX "
+    "(torch.onnx.export) or to TorchScript (torch.jit.save(torch.jit.script(model), 'model.pt')) and upload that "
+    "instead."
 )
 
 _STRING_OPS = {

@@ -18,7 +18,7 @@ import zipfile
 from typing import Any
 
 from app.errors import InvalidUpload
-from app.inspection.archive import ZipMember, read_member
+from app.inspection.archive import ZipMember, read_member, single_root
 from app.inspection.pickle_scan import PICKLE_REFUSAL, check_torch_tensor_pickle
 from app.inspection.pt2_strings import check_guard_code, check_sym_expr
 from app.inspection.schemas import ModelInspection, TensorSpec
@@ -114,11 +114,10 @@ def _unsafe(message: str, **details: Any) -> InvalidUpload:
 
 def is_pt2_layout(names: list[str]) -> bool:
     """True if the normalised member names look like a torch.export archive (whatever else they contain)."""
-    roots = {n.split("/", 1)[0] for n in names}
-    if len(roots) != 1:
+    found = single_root(names)
+    if found is None:
         return False
-    root = next(iter(roots))
-    rel = {n[len(root) + 1 :] for n in names if n.startswith(root + "/")}
+    rel = found[1]
     return "archive_format" in rel and any(re.fullmatch(r"models/[^/]+\.json", r) for r in rel)
 
 

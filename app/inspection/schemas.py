@@ -7,8 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 ACCEPTED_MODELS = (
-    "a single .onnx file, a .zip holding one .onnx file and its external-data files, or a torch.export "
-    "archive (.pt2, written by torch.export.save)"
+    "a single .onnx file, a .zip holding one .onnx file and its external-data files, a torch.export "
+    "archive (.pt2, written by torch.export.save), or a TorchScript archive (written by torch.jit.save)"
 )
 
 
@@ -20,17 +20,21 @@ class TensorSpec(_Frozen):
     """One model input or output. Symbolic (dynamic) dimensions are strings, static ones integers."""
 
     name: str
-    shape: list[int | str]
-    dtype: str = Field(description='numpy-style name: "float32", "int64", "bool", "bfloat16", ...')
+    shape: list[int | str] | None = Field(description="None: the file does not record it (TorchScript).")
+    dtype: str | None = Field(
+        description='numpy-style name: "float32", "int64", "bool", "bfloat16", ...; None: not recorded.'
+    )
 
 
 class ModelInspection(_Frozen):
-    format: Literal["onnx", "pt2"]
+    format: Literal["onnx", "pt2", "torchscript"]
     packaging: Literal["file", "zip"]
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
-    parameters: int = Field(description="Elements in the model's weights (pt2: parameters; ONNX: initializers).")
-    opset: int | None = Field(None, description="ONNX default-domain opset; None for pt2.")
+    parameters: int = Field(
+        description="Elements in the model's weights (pt2, TorchScript: parameters; ONNX: initializers)."
+    )
+    opset: int | None = Field(None, description="ONNX default-domain opset; None for pt2 and TorchScript.")
     details: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -70,10 +70,41 @@ _ENCODE = {
     },
 }
 
+_TORCHSCRIPT_QUANT = {
+    "fp16": {
+        "description": "Float16 parameters and buffers and compute; the archive's forward keeps float32 inputs "
+        "and outputs.",
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu", "cuda"],
+    },
+    "bf16": {
+        "description": "Bfloat16 parameters and buffers and compute; the archive's forward keeps float32 inputs "
+        "and outputs.",
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu", "cuda"],
+    },
+}
+
+_CONVERT_ONNX = {
+    "onnx": {
+        "description": (
+            "Export to ONNX (torch.onnx), batch dimension dynamic, checked against the source model in ONNX "
+            "Runtime; later steps use the ONNX methods and the result is measured in ONNX Runtime."
+        ),
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu", "cuda"],
+        "produces": "onnx",
+    },
+}
+
 # A step whose info has "produces" changes the model's format: later steps are looked up under that format.
 CAPABILITIES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     "onnx": {"prune": _PRUNE, "quantize": _ONNX_QUANT, "encode": _ENCODE},
-    "pt2": {"prune": _PRUNE, "quantize": _PT2_QUANT},
+    "pt2": {"prune": _PRUNE, "quantize": _PT2_QUANT, "convert": _CONVERT_ONNX},
+    "torchscript": {"prune": _PRUNE, "quantize": _TORCHSCRIPT_QUANT, "convert": _CONVERT_ONNX},
 }
 
 FORMATS: dict[str, dict[str, Any]] = {
@@ -88,6 +119,15 @@ FORMATS: dict[str, dict[str, Any]] = {
         "runtime": "torch (torch.export)",
         "output": "pt2",
         "suffix": ".pt2",
+    },
+    "torchscript": {
+        "description": (
+            "TorchScript archive saved with torch.jit.save (scripted or traced). Scripted archives record no "
+            "input shapes: jobs on them need a dataset. The archive's code runs only in the sandboxed worker."
+        ),
+        "runtime": "torch (TorchScript interpreter)",
+        "output": "torchscript",
+        "suffix": ".pt",
     },
     "squeeze": {
         "description": (

@@ -40,6 +40,13 @@ def validate_spec(
         raise InvalidSpec(
             "a job without steps only evaluates the model, so it needs a dataset_id", code="dataset_required"
         )
+    if dataset is None and any(t.get("shape") is None for t in model.inspection.get("inputs", [])):
+        raise InvalidSpec(
+            "this model's file does not record its input shapes (a scripted TorchScript module), so the model can "
+            "only be run and measured on data: add a dataset_id",
+            code="dataset_required",
+            details={"reason": "input_shapes_unknown"},
+        )
     for i, step in enumerate(spec.steps):
         info = method_info(model.format, step.op, step.method)
         if info is None:

@@ -107,7 +107,8 @@ def download_model(
 ) -> Response:
     """The model's bytes as uploaded. `ETag` is the sha256; `Range` is supported (or a 307 to a presigned URL)."""
     model = service.get_model(session, model_id=model_id, user=user)
-    suffix = {"onnx": ".zip" if model.packaging == "zip" else ".onnx", "pt2": ".pt2"}.get(model.format, "")
+    suffixes = {"onnx": ".zip" if model.packaging == "zip" else ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
+    suffix = suffixes.get(model.format, "")
     return blob_download(
         request,
         store,

@@ -22,8 +22,11 @@ MODEL_EXAMPLE: dict[str, Any] = {
 
 class TensorSpecPublic(BaseModel):
     name: str
-    shape: list[int | str] = Field(description="Symbolic (dynamic) dimensions are names, static ones integers.")
-    dtype: str
+    shape: list[int | str] | None = Field(
+        description="Symbolic (dynamic) dimensions are names, static ones integers; null: the file does not record "
+        "it (a scripted TorchScript module)."
+    )
+    dtype: str | None = Field(description="numpy-style name; null: not recorded (TorchScript).")
 
 
 class ModelPublic(BaseModel):
@@ -31,7 +34,7 @@ class ModelPublic(BaseModel):
 
     id: str
     name: str
-    format: str = Field(description="Detected from the content: 'onnx' or 'pt2'.")
+    format: str = Field(description="Detected from the content: 'onnx', 'pt2' or 'torchscript'.")
     packaging: str = Field(description="'file', or 'zip' for an ONNX model with external data.")
     size_bytes: int
     sha256: str

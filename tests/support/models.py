@@ -1,4 +1,5 @@
-"""Small real models built in the tests: a CNN trained on scikit-learn's digits, exported to ONNX and .pt2.
+"""Small real models built in the tests: a CNN trained on scikit-learn's digits, exported to ONNX, .pt2 and
+TorchScript.
 
 Trained once per process and cached on disk under ``.pytest_cache`` keyed by this file's content, so the whole suite
 pays the ~2 s of training once.
@@ -106,6 +107,26 @@ def digits_pt2_bytes() -> bytes:
         ep = torch.export.export(model, (torch.zeros(4, 1, 8, 8),), dynamic_shapes=({0: batch},))
         buf = io.BytesIO()
         torch.export.save(ep, buf)
+        _atomic_write(path, buf.getvalue())
+    return path.read_bytes()
+
+
+def digits_torchscript_bytes(kind: str = "scripted") -> bytes:
+    """The trained digits CNN as a TorchScript archive (``torch.jit.save``): ``scripted`` (no input shapes
+    recorded) or ``traced`` (on a batch of 2, which records the example input's shape)."""
+    path = _cache_dir() / f"digits-{kind}.pt"
+    if not path.exists():
+        import torch
+
+        model = trained_digits_cnn()
+        if kind == "scripted":
+            module = torch.jit.script(model)
+        elif kind == "traced":
+            module = torch.jit.trace(model, torch.zeros(2, 1, 8, 8))
+        else:
+            raise ValueError(f"kind must be 'scripted' or 'traced', not {kind!r}")
+        buf = io.BytesIO()
+        torch.jit.save(module, buf)
         _atomic_write(path, buf.getvalue())
     return path.read_bytes()
 

@@ -52,6 +52,10 @@ def get_backend(fmt: str) -> FormatBackend:
         from worker.compress.pt2_format import Pt2Backend
 
         return Pt2Backend()
+    if fmt == "torchscript":
+        from worker.compress.torchscript_format import TorchScriptBackend
+
+        return TorchScriptBackend()
     if fmt == "squeeze":
         from worker.compress.squeeze_format import SqueezeBackend
 

@@ -33,7 +33,14 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind
 from torch.utils import _pytree as pytree
 
-from app.jobs.spec import PruneMagnitude, QuantizeFp16, QuantizeInt8Dynamic, QuantizeInt8Static, parse_pattern
+from app.jobs.spec import (
+    ConvertOnnx,
+    PruneMagnitude,
+    QuantizeFp16,
+    QuantizeInt8Dynamic,
+    QuantizeInt8Static,
+    parse_pattern,
+)
 from worker.compress.backend import QuantizeStepT
 from worker.compress.pruning import step_masks
 from worker.compress.types import CompressionError, EvalData, StepContext, StepReport
@@ -658,6 +665,42 @@ class Pt2Backend:
                 assert t is not None
                 t.copy_(torch.from_numpy(np.ascontiguousarray(values)).to(dtype=t.dtype, device=t.device))
         _save(ep, dst)
+
+    def convert_onnx(self, src: Path, dst: Path, step: ConvertOnnx, ctx: StepContext) -> StepReport:
+        """torch.onnx's dynamo exporter on the program itself: its dynamic dimensions (the batch) stay dynamic."""
+        import sys
+
+        from worker.compress.convert import onnx_conversion_report
+
+        ep = _load(src)
+        runner = Pt2Runner(ep, "cpu")
+        if ctx.data is None or runner.fixed_batch is not None:
+            tensors = _random_tensors(ep, runner.fixed_batch or 2)
+            inputs = {s.name: _numpy(t) for s, t in zip(_tensor_inputs(ep), tensors, strict=True)}
+        else:
+            head = ctx.data.head(8).inputs
+            inputs = {name: runner._binder._array(head, name) for name in runner.input_names}
+        expected = runner(inputs)
+        # The exporter reports progress with print(); stdout is the sandbox's result channel.
+        with (
+            _torch_errors("conversion_failed", "ONNX export (torch.onnx, dynamo)"),
+            contextlib.redirect_stdout(sys.stderr),
+        ):
+            program = torch.onnx.export(ep, dynamo=True, opset_version=step.opset, verbose=False)
+            assert program is not None
+            program.save(str(dst))
+        report = onnx_conversion_report(
+            dst,
+            inputs,
+            expected,
+            exporter=f"torch.onnx {torch.__version__.split('+')[0]} (dynamo exporter, from the ExportedProgram)",
+            opset=step.opset,
+        )
+        if runner.fixed_batch is not None:
+            report.notes.append(
+                f"The program's batch dimension is static ({runner.fixed_batch}); so is the ONNX model's."
+            )
+        return report
 
     def quantize(self, src: Path, dst: Path, step: QuantizeStepT, data: EvalData | None, device: str) -> StepReport:
         ep = _load(src)
