@@ -121,6 +121,7 @@ def test_job_result_is_a_small_sqz_whose_decoded_model_scores_as_reported(
 def test_weights_within_ten_percent_of_their_entropy_bound(encoded_job: PipelineResult, pruned: Path) -> None:
     details = encoded_job.steps[-1].details
     assert details["bound_ratio"] <= 1.10, details
+    assert details["quantized_bound_ratio"] <= 1.10, details
     assert details["weights_bytes"] == sum(row["encoded_bytes"] for row in details["tensors"])
     assert details["entropy_bound_bytes"] == pytest.approx(sum(row["bound_bytes"] for row in details["tensors"]), 0.01)
     assert details["encoded_bytes"] == encoded_job.result.size_bytes  # type: ignore[union-attr]

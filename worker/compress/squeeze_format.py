@@ -361,6 +361,8 @@ def encode_squeeze(backend: FormatBackend, src: Path, dst: Path, step: EncodeSqu
     tmp.replace(dst)
     bound = encoded.bound_bytes
     quantized = [t for t in encoded.tensors if t.entry["encoding"] == "quantized"]
+    quantized_bytes = sum(t.stored_bytes for t in quantized)
+    quantized_bound = sum(t.bound_bits for t in quantized) / 8
     details: dict[str, Any] = {
         "value_bits": step.value_bits,
         "level": step.level,
@@ -372,6 +374,10 @@ def encode_squeeze(backend: FormatBackend, src: Path, dst: Path, step: EncodeSqu
         "entropy_bound_bytes": round(bound, 1),
         "bound_ratio": round(encoded.weights_bytes / bound, 4) if bound else None,
         "file_bound_ratio": round(len(encoded.data) / bound, 4) if bound else None,
+        # The same for the quantized weights alone (lossless float tensors count at their raw size in the bound).
+        "quantized_bytes": quantized_bytes,
+        "quantized_bound_bytes": round(quantized_bound, 1),
+        "quantized_bound_ratio": round(quantized_bytes / quantized_bound, 4) if quantized_bound else None,
         "graph_bytes": encoded.graph_bytes,
         "header_bytes": encoded.header_bytes,
         "quantized_tensors": len(quantized),
