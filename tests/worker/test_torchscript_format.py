@@ -262,3 +262,20 @@ def test_pipeline_prunes_converts_and_quantizes_in_onnx(
     assert res.sparsity > 0.4 and res.size_bytes < base.size_bytes / 2.5
     assert [r.op for r in result.steps] == ["prune", "convert", "quantize"]
     assert result.steps[1].output_format == "onnx"
+
+
+def test_prints_in_the_model_stay_off_stdout(backend, workdir: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """stdout carries the sandbox's result lines: a model's own print() must not land there."""
+
+    class Noisy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            print("noisy model says hello")
+            return x * 2
+
+    path = workdir / "noisy.pt"
+    torch.jit.save(torch.jit.script(Noisy()), str(path))
+    capfd.readouterr()
+    out = backend.open_runner(path, "cpu")({"x": np.ones((2, 3), np.float32)})
+    assert np.array_equal(out[0], np.full((2, 3), 2.0, np.float32))
+    captured = capfd.readouterr()
+    assert "noisy model" not in captured.out and "noisy model says hello" in captured.err

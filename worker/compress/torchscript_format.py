@@ -173,7 +173,8 @@ class TorchScriptRunner:
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         args = self.tensors(inputs)
-        with torch.inference_mode():
+        # TorchScript's print() writes to sys.stdout, the sandbox's result channel: send it to stderr.
+        with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr):
             out = self._module(*args)
         return [_numpy(t) for t in _flatten(out)]
 
@@ -479,8 +480,9 @@ class TorchScriptBackend:
         notes = _check_runs(dst, ctx.data if ctx else None)
         after = self.stored_size(dst)
         notes.append(
-            f"Weights and compute in {str(dtype).removeprefix('torch.')}; inputs and outputs keep float32 (the archive's forward casts them). "
-            "Tensors the code creates itself keep their dtype; CPU half-precision kernels can be slow."
+            f"Weights and compute in {str(dtype).removeprefix('torch.')}; inputs and outputs keep float32 (the "
+            "archive's forward casts them). Tensors the code creates itself keep their dtype; CPU half-precision "
+            "kernels can be slow."
         )
         return StepReport(
             op="quantize",
@@ -515,7 +517,7 @@ class TorchScriptBackend:
             )
         expected = runner(inputs)
         dynamic = {name: {0: "batch"} for name in [*names, *outputs]}
-        # The exporter reports progress with print(); stdout is the sandbox's result channel.
+        # The exporter (and the module's own print calls while it is traced) write to stdout: see the runner.
         with (
             _torch_errors("conversion_failed", "ONNX export (torch.onnx, TorchScript)"),
             contextlib.redirect_stdout(sys.stderr),
