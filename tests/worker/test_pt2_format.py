@@ -330,3 +330,32 @@ def test_several_inputs_keyword_inputs_and_dict_outputs(backend, tmp_path: Path)
         np.testing.assert_allclose(out, ref, atol=0.02)
     assert [o.shape for o in half(backend.example_inputs(dst, 7))] == [(7, 5, 4), (7, 5)]
     assert backend.count_parameters(dst) == backend.count_parameters(src)
+
+
+# --- conversion to ONNX ----------------------------------------------------------------------------
+
+
+def test_convert_to_onnx_keeps_names_and_the_dynamic_batch(backend, model: Path, data: EvalData, workdir: Path) -> None:
+    import onnxruntime as ort
+
+    from app.jobs.spec import ConvertOnnx
+    from worker.compress.types import StepContext
+
+    dst = workdir / "digits-from-pt2.onnx"
+    ctx = StepContext(data=data, device="cpu", original=model, original_format="pt2", workdir=workdir)
+    report = backend.convert_onnx(model, dst, ConvertOnnx(method="onnx", opset=18), ctx)
+    assert report.output_format == "onnx" and report.details["max_abs_difference"] < 1e-4
+    assert not Path(str(dst) + ".data").exists()  # self-contained: the pipeline moves it as one file
+    sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    (inp,) = sess.get_inputs()
+    assert inp.name == "input" and isinstance(inp.shape[0], str)
+    logits = sess.run(None, {"input": data.inputs["input"]})[0]
+    reference = backend.open_runner(model, "cpu")(data.inputs)[0]
+    assert np.abs(logits - reference).max() < 1e-4
+    assert float((logits.argmax(1) == data.labels).mean()) == float((reference.argmax(1) == data.labels).mean())
+    # Without data the program's own shapes give the check inputs.
+    ctx = StepContext(data=None, device="cpu", original=model, original_format="pt2", workdir=workdir)
+    assert (
+        backend.convert_onnx(model, workdir / "nodata.onnx", ConvertOnnx(method="onnx"), ctx).details["checked_samples"]
+        == 2
+    )
