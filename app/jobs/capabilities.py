@@ -34,6 +34,41 @@ _ONNX_QUANT = {
         "needs_labels": False,
         "devices": ["cpu", "cuda"],
     },
+    "int8_weight_only": {
+        "description": (
+            "Int8 MatMul/Gemm weights packed into ONNX Runtime's MatMulNBits, float activations; group_size a power "
+            "of two 16-256 (default: per output channel, in blocks of up to 256 along K). include: ['embedding'] "
+            "also packs Gather tables (GatherBlockQuantized, one scale per row). Conv layers stay float."
+        ),
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu"],
+    },
+    "int4_weight_only": {
+        "description": (
+            "Int4 MatMul/Gemm weights, two per byte (MatMulNBits), in groups of group_size (16-256) along K, "
+            "symmetric or with zero points; include: ['embedding'] packs Gather tables too. Conv layers stay float."
+        ),
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu"],
+    },
+}
+
+_ONNX_PRUNE = {
+    **_PRUNE,
+    "structured": {
+        "description": (
+            "Removes whole output channels of Conv/Gemm/MatMul layers (lowest L1/L2 norm) and resizes the layers "
+            "that read them, folding removed channels' constant outputs into their biases: a smaller, faster "
+            "graph. Layers whose channels reach a graph output, a residual Add, attention heads or an op it "
+            "cannot resize are left whole (listed in the report)."
+        ),
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu", "cuda"],
+        "stored_size": "smaller: channels are removed",
+    },
 }
 
 _PT2_QUANT = {
@@ -102,7 +137,7 @@ _CONVERT_ONNX = {
 
 # A step whose info has "produces" changes the model's format: later steps are looked up under that format.
 CAPABILITIES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
-    "onnx": {"prune": _PRUNE, "quantize": _ONNX_QUANT, "encode": _ENCODE},
+    "onnx": {"prune": _ONNX_PRUNE, "quantize": _ONNX_QUANT, "encode": _ENCODE},
     "pt2": {"prune": _PRUNE, "quantize": _PT2_QUANT, "convert": _CONVERT_ONNX},
     "torchscript": {"prune": _PRUNE, "quantize": _TORCHSCRIPT_QUANT, "convert": _CONVERT_ONNX},
 }

@@ -25,7 +25,16 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, numpy_helper
 
-from app.jobs.spec import PruneMagnitude, QuantizeFp16, QuantizeInt8Dynamic, QuantizeInt8Static, parse_pattern
+from app.jobs.spec import (
+    PruneMagnitude,
+    PruneStructured,
+    QuantizeFp16,
+    QuantizeInt4WeightOnly,
+    QuantizeInt8Dynamic,
+    QuantizeInt8Static,
+    QuantizeInt8WeightOnly,
+    parse_pattern,
+)
 from worker.compress.backend import QuantizeStepT
 from worker.compress.pruning import step_masks
 from worker.compress.types import CompressionError, EvalData, StepContext, StepReport
@@ -163,9 +172,16 @@ class OnnxBackend:
         still fold tensors away, e.g. a BatchNormalization into its Conv). A quantized weight counts as zero
         where it equals its zero point.
         """
+        from worker.compress.onnx_weight_only import packed_weights
+
         model = _load_model(path)
+        packed = packed_weights(model)  # N-bit weights packed into bytes count as their logical K x N
         total = nonzero = 0
         for tensor, zero_point in _weight_tensors(model):
+            if tensor.name in packed:
+                total += packed[tensor.name].parameters
+                nonzero += packed[tensor.name].nonzero
+                continue
             values = _to_array(tensor)
             total += values.size
             nonzero += _count_nonzero(values, zero_point)
@@ -249,14 +265,33 @@ class OnnxBackend:
 
     def layers(self, path: Path) -> list[dict[str, Any]]:
         """One row per weight tensor: name, consuming op, shape, parameters, nonzero, sparsity, bits, bytes."""
+        from worker.compress.onnx_weight_only import packed_weights
+
         model = _load_model(path)
         consumer: dict[str, str] = {}
         for node in _all_nodes(model.graph):
             for name in node.input:
                 consumer.setdefault(name, node.op_type)
         prunable = set(_prunable_initializers(model))
+        packed = packed_weights(model)
         rows = []
         for tensor, zero_point in _weight_tensors(model):
+            if tensor.name in packed:
+                p = packed[tensor.name]
+                rows.append(
+                    {
+                        "name": tensor.name,
+                        "op": consumer.get(tensor.name),
+                        "shape": p.shape,
+                        "parameters": p.parameters,
+                        "nonzero": p.nonzero,
+                        "sparsity": round(1 - p.nonzero / p.parameters, 6) if p.parameters else 0.0,
+                        "bits": p.bits,
+                        "bytes": p.bytes,
+                        "prunable": False,
+                    }
+                )
+                continue
             values = _to_array(tensor)
             nonzero = _count_nonzero(values, zero_point)
             rows.append(
@@ -291,6 +326,28 @@ class OnnxBackend:
             old.CopyFrom(numpy_helper.from_array(values.astype(dtype, copy=False), name))
         _save_model(model, dst)
 
+    def prune_structured(self, src: Path, dst: Path, step: PruneStructured, ctx: StepContext) -> StepReport:
+        """Remove whole output channels of Conv/Gemm/MatMul layers and resize their consumers; see onnx_structured."""
+        from worker.compress.onnx_structured import prune_structured_step
+
+        return prune_structured_step(self, src, dst, step, ctx)
+
+    def quantize_int8_weight_only(
+        self, src: Path, dst: Path, step: QuantizeInt8WeightOnly, ctx: StepContext
+    ) -> StepReport:
+        """Int8 MatMul/Gemm weights packed into MatMulNBits (and embeddings if asked); see onnx_weight_only."""
+        from worker.compress.onnx_weight_only import weight_only_step
+
+        return weight_only_step(self, src, dst, step, ctx)
+
+    def quantize_int4_weight_only(
+        self, src: Path, dst: Path, step: QuantizeInt4WeightOnly, ctx: StepContext
+    ) -> StepReport:
+        """Int4 MatMul/Gemm weights, two per byte, in groups along K (and embeddings if asked)."""
+        from worker.compress.onnx_weight_only import weight_only_step
+
+        return weight_only_step(self, src, dst, step, ctx)
+
     def quantize(self, src: Path, dst: Path, step: QuantizeStepT, data: EvalData | None, device: str) -> StepReport:
         """int8_dynamic / int8_static (QDQ, calibrated on ``data``) with ONNX Runtime's tools, or fp16."""
         if isinstance(step, QuantizeInt8Static) and data is None:
@@ -320,14 +377,7 @@ class OnnxBackend:
                 raise CompressionError(
                     "quantization_failed", _message(f"{step.method} quantization failed", exc)
                 ) from exc
-            try:
-                self.open_runner(out, device)
-            except CompressionError as exc:
-                if exc.code == "device_unavailable":
-                    raise
-                raise CompressionError(
-                    "quantization_failed", f"the {step.method} model does not load: {exc.message}"
-                ) from exc
+            _must_load(self, out, device, "quantization_failed", f"the {step.method} model")
             result = _load_model(out)
             details["weight_bytes_before"] = weight_bytes_before
             details["weight_bytes_after"] = _initializer_bytes(result)
@@ -705,6 +755,16 @@ def _save_model(model: onnx.ModelProto, dst: Path) -> None:
         raise CompressionError("save_failed", _message("could not write the ONNX model", exc)) from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _must_load(backend: OnnxBackend, path: Path, device: str, code: str, what: str) -> None:
+    """Raise ``code`` unless ONNX Runtime loads the model a step wrote (a missing device stays its own error)."""
+    try:
+        backend.open_runner(path, device)
+    except CompressionError as exc:
+        if exc.code == "device_unavailable":
+            raise
+        raise CompressionError(code, f"{what} does not load: {exc.message}") from exc
 
 
 def _too_big_for_protobuf(path: Path) -> bool:

@@ -110,3 +110,29 @@ def _keep_mask(magnitudes: np.ndarray, sparsity: float) -> np.ndarray:
         drop = np.argpartition(magnitudes, k - 1)[:k]
         keep[drop] = False
     return keep
+
+
+def channel_keep(scores: np.ndarray, sparsity: float, round_to: int = 1) -> np.ndarray:
+    """Keep-mask over a layer's output channels for structured pruning: the highest-scoring ones.
+
+    ``round(sparsity * n)`` channels go (the same count as ``score_masks``); the kept count is then rounded to the
+    nearest multiple of ``round_to``, at least ``round_to`` and at most ``n``. Sparsity 0 keeps every channel, and
+    at least one channel always stays. Ties are broken by position.
+    """
+    n = scores.size
+    keep_n = n - round(sparsity * n)
+    if sparsity > 0 and round_to > 1:
+        keep_n = min(n, max(round_to, round(keep_n / round_to) * round_to))
+    keep_n = max(1, min(n, keep_n))
+    keep = np.zeros(n, dtype=bool)
+    keep[np.argsort(-scores.reshape(-1), kind="stable")[:keep_n]] = True
+    return keep
+
+
+def output_axis(ndim: int, reduction_axis: int) -> int:
+    """A weight's output-channel axis from its reduction axis: Conv (O, I, ...) 0; a 2-D weight the other axis;
+    a batched MatMul weight (..., K, N) the last."""
+    axis = reduction_axis % ndim
+    if ndim == 2:
+        return 1 - axis
+    return ndim - 1 if axis == ndim - 2 else 0

@@ -29,7 +29,7 @@ from app.jobs.spec import (
 )
 from worker.compress import evaluate
 from worker.compress.backend import FormatBackend
-from worker.compress.pruning import layer_overrides, nm_mask, score_masks
+from worker.compress.pruning import channel_keep, layer_overrides, nm_mask, output_axis, score_masks
 from worker.compress.types import EvalData, ModelMetrics
 
 MAX_AUTO_LAYERS = 64
@@ -62,9 +62,13 @@ def _prune_mask(name: str, w: np.ndarray, axis: int, step: Any) -> np.ndarray:
         sparsity = step.sparsity
     sparsity = layer_overrides([name], overrides).get(name, sparsity)
     if isinstance(step, PruneStructured):
-        rows = (np.abs(w) if step.norm == "l1" else w * w).reshape(w.shape[0], -1).sum(axis=1)
-        keep_rows = score_masks({"rows": rows}, sparsity, "per_layer")["rows"]
-        return np.broadcast_to(keep_rows.reshape((-1,) + (1,) * (w.ndim - 1)), w.shape)
+        out = output_axis(w.ndim, axis)
+        moved = np.moveaxis(w, out, 0)
+        rows = (np.abs(moved) if step.norm == "l1" else moved * moved).reshape(moved.shape[0], -1).sum(axis=1)
+        keep_rows = channel_keep(rows, sparsity, step.round_to)
+        shape = [1] * w.ndim
+        shape[out] = -1
+        return np.broadcast_to(keep_rows.reshape(shape), w.shape)
     # gradient, regularized and wanda rank by more than magnitude; magnitude is the layer-local stand-in.
     return score_masks({name: np.abs(w)}, sparsity, "per_layer")[name]
 
@@ -155,9 +159,7 @@ def layer_sensitivity(
     ]
 
 
-def _outputs(
-    backend: FormatBackend, path: Path, data: EvalData, options: EvalOptions, device: str
-) -> list[np.ndarray]:
+def _outputs(backend: FormatBackend, path: Path, data: EvalData, options: EvalOptions, device: str) -> list[np.ndarray]:
     return evaluate.run_batched(backend.open_runner(path, device), data, options.batch_size)
 
 
