@@ -8,7 +8,6 @@ slow. Every result is also loaded with a bare ``onnxruntime.InferenceSession``, 
 from __future__ import annotations
 
 import io
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from app.jobs.spec import (
     Step,
 )
 from tests.support.models import digits_npz_bytes, digits_onnx_bytes
+from tests.support.onnx_graphs import branchy_cnn, mlp_model, save_graph, text_model
 from worker.compress.onnx_format import OnnxBackend
 from worker.compress.pipeline import run_pipeline
 from worker.compress.pruning import channel_keep, output_axis
@@ -69,123 +69,6 @@ def plain_run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).mean())
-
-
-def _save(path: Path, nodes: list, inputs: list, outputs: list, inits: dict[str, np.ndarray]) -> Path:
-    graph = helper.make_graph(
-        nodes, "test", inputs, outputs, [numpy_helper.from_array(v.astype(v.dtype), k) for k, v in inits.items()]
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
-def mlp_model(path: Path, widths: tuple[int, ...] = (256, 512, 512, 64)) -> Path:
-    """Gemm (transB=1, as torch exports Linear) + Relu layers: the weight-only quantizers' MLP."""
-    rng = np.random.default_rng(1)
-    nodes, inits, x = [], {}, "x"
-    for i, (k, n) in enumerate(itertools.pairwise(widths)):
-        inits[f"fc{i}.weight"] = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
-        inits[f"fc{i}.bias"] = (0.1 * rng.standard_normal(n)).astype(np.float32)
-        nodes.append(helper.make_node("Gemm", [x, f"fc{i}.weight", f"fc{i}.bias"], [f"h{i}"], transB=1))
-        x = f"h{i}"
-        if i < len(widths) - 2:
-            nodes.append(helper.make_node("Relu", [x], [f"r{i}"]))
-            x = f"r{i}"
-    nodes[-1].output[0] = "y"
-    return _save(
-        path,
-        nodes,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", widths[0]])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", widths[-1]])],
-        inits,
-    )
-
-
-def text_model(path: Path, vocab: int = 2000, dim: int = 64) -> Path:
-    """ids -> embedding Gather -> MatMul + bias -> Gelu -> MatMul: a table that dominates the bytes."""
-    rng = np.random.default_rng(2)
-    inits = {
-        "embedding": rng.standard_normal((vocab, dim)).astype(np.float32),
-        "up.weight": (rng.standard_normal((dim, 4 * dim)) / np.sqrt(dim)).astype(np.float32),
-        "up.bias": (0.1 * rng.standard_normal(4 * dim)).astype(np.float32),
-        "down.weight": (rng.standard_normal((4 * dim, dim)) / np.sqrt(4 * dim)).astype(np.float32),
-    }
-    nodes = [
-        helper.make_node("Gather", ["embedding", "input_ids"], ["h0"]),
-        helper.make_node("MatMul", ["h0", "up.weight"], ["h1"]),
-        helper.make_node("Add", ["h1", "up.bias"], ["h2"]),
-        helper.make_node("Gelu", ["h2"], ["h3"], domain=""),
-        helper.make_node("MatMul", ["h3", "down.weight"], ["out"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "text",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", "sequence", dim])],
-        [numpy_helper.from_array(v, k) for k, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
-    model.ir_version = 9
-    onnx.save(model, str(path))
-    return path
-
-
-def branchy_cnn(path: Path) -> Path:
-    """Two conv branches (one through BatchNormalization) concatenated, scaled per channel, a 1x1 conv, a residual
-    block, max pooling, Flatten and two Gemms: every op the structured pruner traces through or stops at."""
-    rng = np.random.default_rng(3)
-
-    def w(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
-
-    inits = {
-        "a.weight": w(8, 3, 3, 3),
-        "a.bias": (0.2 * rng.standard_normal(8)).astype(np.float32),
-        "bn.scale": rng.uniform(0.5, 1.5, 8).astype(np.float32),
-        "bn.bias": (0.1 * rng.standard_normal(8)).astype(np.float32),
-        "bn.mean": (0.1 * rng.standard_normal(8)).astype(np.float32),
-        "bn.var": rng.uniform(0.5, 1.5, 8).astype(np.float32),
-        "b.weight": w(6, 3, 1, 1),
-        "b.bias": (0.2 * rng.standard_normal(6)).astype(np.float32),
-        "gate": rng.uniform(0.5, 1.5, (14, 1, 1)).astype(np.float32),
-        "c.weight": w(10, 14, 1, 1),
-        "c.bias": (0.2 * rng.standard_normal(10)).astype(np.float32),
-        "d.weight": w(10, 10, 1, 1),
-        "fc1.weight": w(16, 10 * 4 * 4),
-        "fc1.bias": (0.2 * rng.standard_normal(16)).astype(np.float32),
-        "fc2.weight": w(5, 16),
-        "fc2.bias": np.zeros(5, np.float32),
-        "flat": np.array([0, -1], np.int64),
-    }
-    nodes = [
-        helper.make_node("Conv", ["x", "a.weight", "a.bias"], ["a"], pads=[1, 1, 1, 1]),
-        helper.make_node("BatchNormalization", ["a", "bn.scale", "bn.bias", "bn.mean", "bn.var"], ["a_bn"]),
-        helper.make_node("Relu", ["a_bn"], ["a_r"]),
-        helper.make_node("Conv", ["x", "b.weight", "b.bias"], ["b"]),
-        helper.make_node("Sigmoid", ["b"], ["b_s"]),
-        helper.make_node("Mul", ["b", "b_s"], ["b_r"]),  # SiLU: two traced copies of the same channels
-        helper.make_node("Concat", ["a_r", "b_r"], ["cat"], axis=1),
-        helper.make_node("Mul", ["cat", "gate"], ["gated"]),
-        helper.make_node("Conv", ["gated", "c.weight", "c.bias"], ["c"]),
-        helper.make_node("Relu", ["c"], ["c_r"]),
-        helper.make_node("Conv", ["c_r", "d.weight"], ["d"]),
-        helper.make_node("Add", ["d", "c_r"], ["res"]),  # residual: c and d stay whole
-        helper.make_node("MaxPool", ["res"], ["pool"], kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Reshape", ["pool", "flat"], ["flat_out"]),
-        helper.make_node("Gemm", ["flat_out", "fc1.weight", "fc1.bias"], ["f1"], transB=1),
-        helper.make_node("Relu", ["f1"], ["f1_r"]),
-        helper.make_node("Gemm", ["f1_r", "fc2.weight", "fc2.bias"], ["y"], transB=1),
-    ]
-    return _save(
-        path,
-        nodes,
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])],
-        inits,
-    )
 
 
 def zero_channels(src: Path, dst: Path, layers: dict[str, int]) -> None:
@@ -265,7 +148,7 @@ def test_structured_round_to_overrides_and_l2(backend: OnnxBackend, digits_model
 
 def test_structured_on_a_graph_with_nothing_it_can_resize_fails_clearly(backend: OnnxBackend, tmp_path: Path):
     rng = np.random.default_rng(0)
-    src = _save(
+    src = save_graph(
         tmp_path / "single.onnx",
         [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
@@ -292,7 +175,7 @@ def test_channel_keep_counts_and_output_axes():
 # -- weight-only ----------------------------------------------------------------------------------------------
 
 
-def test_int4_weight_only_packs_an_mlp_eight_times_smaller(backend: OnnxBackend, tmp_path: Path):
+def test_int4_weight_only_stores_an_mlp_packed_in_four_bits(backend: OnnxBackend, tmp_path: Path):
     src = mlp_model(tmp_path / "mlp.onnx")
     dst = tmp_path / "int4.onnx"
     step = QuantizeInt4WeightOnly(method="int4_weight_only", group_size=32)
