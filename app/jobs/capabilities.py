@@ -69,6 +69,16 @@ _ONNX_PRUNE = {
         "devices": ["cpu", "cuda"],
         "stored_size": "smaller: channels are removed",
     },
+    "wanda": {
+        "description": (
+            "Wanda: |weight| x input-activation norm (from the dataset, padded tokens left out), the lowest zeroed "
+            "in each output neuron of MatMul/Gemm layers, to a sparsity or N:M. Conv layers are left alone."
+        ),
+        "needs_dataset": True,
+        "needs_labels": False,
+        "devices": ["cpu", "cuda"],
+        "stored_size": "unchanged: zeros are stored densely (the report says so)",
+    },
 }
 
 _PT2_QUANT = {

@@ -20,6 +20,7 @@ from app.jobs.spec import (
     EvalOptions,
     PruneMagnitude,
     PruneStructured,
+    PruneWanda,
     QuantizeInt4WeightOnly,
     QuantizeInt8WeightOnly,
     Step,
@@ -170,6 +171,46 @@ def test_channel_keep_counts_and_output_axes():
     assert output_axis(4, 1) == 0  # Conv (O, I, kh, kw)
     assert output_axis(2, 1) == 0 and output_axis(2, 0) == 1 and output_axis(2, -2) == 1  # Gemm transB / MatMul
     assert output_axis(3, -2) == 2  # batched MatMul weight (1, K, N)
+
+
+# -- wanda ------------------------------------------------------------------------------------------------------
+
+
+def test_wanda_keeps_the_weights_that_large_inputs_multiply(backend: OnnxBackend, tmp_path: Path):
+    """Inputs whose features differ in scale by 1000x: Wanda (|W| x input norm) keeps the weights that matter for
+    the outputs, magnitude keeps the large ones; both zero exactly half of every output neuron's weights."""
+    src = mlp_model(tmp_path / "mlp.onnx", widths=(64, 32, 8))
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((256, 64)) * np.logspace(-2, 1, 64)[rng.permutation(64)]).astype(np.float32)
+    data = EvalData({"x": x})
+    step = PruneWanda(method="wanda", sparsity=0.5, calibration_samples=128)
+    wanda, magnitude = tmp_path / "wanda.onnx", tmp_path / "magnitude.onnx"
+    context = StepContext(data=data, device="cpu", original=src, original_format="onnx", workdir=tmp_path)
+    report = backend.prune_wanda(src, wanda, step, context)
+    assert report.details["calibration_samples"] == 128 and report.details["achieved_sparsity"] == 0.5
+    backend.prune_magnitude(src, magnitude, PruneMagnitude(method="magnitude", sparsity=0.5, scope="per_layer"))
+    for w in (t for t in onnx.load(str(wanda)).graph.initializer if t.name.endswith(".weight")):
+        rows = numpy_helper.to_array(w)  # Gemm transB: one output neuron per row
+        assert ((rows == 0).sum(axis=1) == rows.shape[1] // 2).all()
+    held_out = {"x": x[128:]}
+    reference = plain_run(src, held_out)
+    lost_wanda = 1 - cosine(reference, plain_run(wanda, held_out))
+    lost_magnitude = 1 - cosine(reference, plain_run(magnitude, held_out))
+    assert lost_wanda < 0.75 * lost_magnitude  # measured: 0.062 vs 0.097
+
+
+def test_wanda_n_m_and_needs_data(backend: OnnxBackend, tmp_path: Path):
+    src = mlp_model(tmp_path / "mlp.onnx", widths=(64, 32, 8))
+    x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    context = StepContext(data=EvalData({"x": x}), device="cpu", original=src, original_format="onnx", workdir=tmp_path)
+    dst = tmp_path / "24.onnx"
+    backend.prune_wanda(src, dst, PruneWanda(method="wanda", pattern="2:4"), context)
+    for w in (t for t in onnx.load(str(dst)).graph.initializer if t.name.endswith(".weight")):
+        groups = numpy_helper.to_array(w).reshape(w.dims[0], -1, 4)  # groups of 4 along K (transB: the last axis)
+        assert ((groups != 0).sum(axis=2) <= 2).all()
+    with pytest.raises(CompressionError) as err:
+        backend.prune_wanda(src, dst, PruneWanda(method="wanda", sparsity=0.5), ctx(tmp_path, src))
+    assert err.value.code == "dataset_required"
 
 
 # -- weight-only ----------------------------------------------------------------------------------------------

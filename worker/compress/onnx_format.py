@@ -28,6 +28,7 @@ from onnx import TensorProto, numpy_helper
 from app.jobs.spec import (
     PruneMagnitude,
     PruneStructured,
+    PruneWanda,
     QuantizeFp16,
     QuantizeInt4WeightOnly,
     QuantizeInt8Dynamic,
@@ -331,6 +332,12 @@ class OnnxBackend:
         from worker.compress.onnx_structured import prune_structured_step
 
         return prune_structured_step(self, src, dst, step, ctx)
+
+    def prune_wanda(self, src: Path, dst: Path, step: PruneWanda, ctx: StepContext) -> StepReport:
+        """|weight| x input-activation norm per output row of MatMul/Gemm layers; see onnx_wanda."""
+        from worker.compress.onnx_wanda import wanda_step
+
+        return wanda_step(self, src, dst, step, ctx)
 
     def quantize_int8_weight_only(
         self, src: Path, dst: Path, step: QuantizeInt8WeightOnly, ctx: StepContext
