@@ -13,17 +13,19 @@ that the graph reads and that is either a floating-point tensor (weights, biases
 statistics) or an int8/uint8 tensor that is dequantized (a PT2E-quantized weight). Quantization scales and
 zero points, integer buffers such as ``num_batches_tracked`` and tensors the graph never reads are not
 counted, so quantizing a model leaves its count unchanged; only conv-batchnorm folding (PT2E folds BN into
-the conv) changes it, and pruning changes the non-zero count.
+the conv) changes it, and pruning changes the non-zero count. A weight stored as integer codes that the graph
+decodes with plain ops (int8/int4 weight-only, see ``pt2_weight_only``) counts as its decoded tensor, once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import sympy
@@ -35,10 +37,16 @@ from torch.utils import _pytree as pytree
 
 from app.jobs.spec import (
     ConvertOnnx,
+    Finetune,
+    PruneGradient,
     PruneMagnitude,
+    PruneRegularized,
+    QuantizeBf16,
     QuantizeFp16,
+    QuantizeInt4WeightOnly,
     QuantizeInt8Dynamic,
     QuantizeInt8Static,
+    QuantizeInt8WeightOnly,
     parse_pattern,
 )
 from worker.compress.backend import QuantizeStepT
@@ -362,6 +370,65 @@ def _reduction_axis(node: torch.fx.Node) -> int:
     return -1
 
 
+def _prunable_weights(ep: ExportedProgram) -> tuple[dict[str, torch.fx.Node], dict[str, torch.Tensor]]:
+    """The program's prunable weights by state_dict/constants key: their placeholders and their tensors."""
+    nodes = {target: node for node, target, t in _weight_inputs(ep) if _is_prunable(node, t)}
+    weights = {target: t for target in nodes if (t := _weight_tensor(ep, target)) is not None}
+    if not weights:
+        raise CompressionError(
+            "nothing_to_prune",
+            "the program has no floating-point Conv/Linear/MatMul weights to prune (prune before quantizing)",
+        )
+    return nodes, weights
+
+
+def _write_masked(
+    ep: ExportedProgram, weights: dict[str, torch.Tensor], masks: dict[str, np.ndarray], dst: Path
+) -> tuple[list[dict[str, Any]], int, int]:
+    """Zero ``weights`` outside their keep-masks, save and check the program: (per-layer rows, zeros, total)."""
+    layers = []
+    zeros = total = 0
+    with _torch_errors("pruning_failed", "writing the pruned weights"), torch.no_grad():
+        for key, t in weights.items():
+            t.mul_(torch.from_numpy(masks[key]).to(device=t.device, dtype=t.dtype))
+            z = t.numel() - int(torch.count_nonzero(t))
+            zeros, total = zeros + z, total + t.numel()
+            layers.append({"name": key, "shape": list(t.shape), "sparsity": round(z / t.numel(), 6)})
+        _save(ep, dst)
+    _check_runs(dst)
+    return layers, zeros, total
+
+
+def _weight_rows(ep: ExportedProgram) -> Iterator[dict[str, Any]]:
+    """The weights the counting rule counts (module docstring), one row each. A weight stored as integer codes
+    and decoded in the graph (pt2_weight_only) is one row under its codes' key, with the decoded shape."""
+    from worker.compress.pt2_weight_only import coded_weights  # it imports this module
+
+    coded, parts = coded_weights(ep)
+    for node, target, t in _weight_inputs(ep):
+        if target in coded:
+            c = coded[target]
+            op, shape, nonzero, bits, nbytes, prunable = c.consumer, c.shape, c.nonzero, c.bits, c.bytes, False
+        elif target not in parts and _counts_as_weight(node, t):
+            op, shape, nonzero = next((_op_name(u) for u in node.users), None), tuple(t.shape), None
+            bits, nbytes, prunable = t.element_size() * 8, t.numel() * t.element_size(), _is_prunable(node, t)
+            nonzero = int(torch.count_nonzero(t.detach()))
+        else:
+            continue
+        numel = math.prod(shape)
+        yield {
+            "name": target,
+            "op": op,
+            "shape": list(shape),
+            "parameters": numel,
+            "nonzero": nonzero,
+            "sparsity": round(1 - nonzero / numel, 6) if numel else 0.0,
+            "bits": bits,
+            "bytes": nbytes,
+            "prunable": prunable,
+        }
+
+
 def _save(ep: ExportedProgram, dst: Path) -> None:
     # Saved under its final name: torch.export.save names the archive's root folder after the file.
     try:
@@ -506,28 +573,28 @@ def _attr(gm: torch.nn.Module, target: str) -> torch.Tensor:
     return obj
 
 
-def _to_fp16_graph(gm: torch.fx.GraphModule) -> None:
-    """Compute in float16 while the signature keeps its dtypes: cast floating inputs to half after the
-    placeholders, floating weights to half, dtype=float32 arguments inside to half, and outputs back."""
+def _to_half_graph(gm: torch.fx.GraphModule, dtype: torch.dtype) -> None:
+    """Compute in ``dtype`` (float16 or bfloat16) while the signature keeps its dtypes: cast floating inputs to it
+    after the placeholders, floating weights to it, dtype=float32 arguments inside to it, and outputs back."""
     graph = gm.graph
-    gm.half()  # floating parameters and buffers only
+    gm.to(dtype)  # floating parameters and buffers only
     for node in graph.nodes:
         if node.op == "get_attr":
             owner_path, _, leaf = str(node.target).rpartition(".")
             owner = gm.get_submodule(owner_path) if owner_path else gm
             value = getattr(owner, leaf, None)
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float16:
-                setattr(owner, leaf, value.half())  # plain tensor constants, not registered as buffers
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != dtype:
+                setattr(owner, leaf, value.to(dtype))  # plain tensor constants, not registered as buffers
         elif node.op == "call_function":
-            node.args = tuple(torch.float16 if a is torch.float32 else a for a in node.args)
-            node.kwargs = {k: torch.float16 if v is torch.float32 else v for k, v in node.kwargs.items()}
+            node.args = tuple(dtype if a is torch.float32 else a for a in node.args)
+            node.kwargs = {k: dtype if v is torch.float32 else v for k, v in node.kwargs.items()}
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     last = placeholders[-1]
     for ph in reversed(placeholders):
         val = ph.meta.get("val")
         if isinstance(val, torch.Tensor) and val.is_floating_point():
             with graph.inserting_after(last):
-                cast = graph.call_function(torch.ops.aten._to_copy.default, (ph,), {"dtype": torch.float16})
+                cast = graph.call_function(torch.ops.aten._to_copy.default, (ph,), {"dtype": dtype})
             ph.replace_all_uses_with(cast, delete_user_cb=lambda user, cast=cast: user is not cast)
     output = next(n for n in graph.nodes if n.op == "output")
 
@@ -566,13 +633,8 @@ class Pt2Backend:
         return path.stat().st_size
 
     def count_parameters(self, path: Path) -> tuple[int, int]:
-        ep = _load(path)
-        total = nonzero = 0
-        for node, _, t in _weight_inputs(ep):
-            if _counts_as_weight(node, t):
-                total += t.numel()
-                nonzero += int(torch.count_nonzero(t.detach()))
-        return total, nonzero
+        rows = list(_weight_rows(_load(path)))
+        return sum(r["parameters"] for r in rows), sum(r["nonzero"] for r in rows)
 
     def example_inputs(self, path: Path, batch_size: int) -> dict[str, np.ndarray]:
         ep = _load(path)
@@ -581,33 +643,16 @@ class Pt2Backend:
 
     def prune_magnitude(self, src: Path, dst: Path, step: PruneMagnitude, ctx: StepContext | None = None) -> StepReport:
         ep = _load(src)
-        nodes = {target: node for node, target, t in _weight_inputs(ep) if _is_prunable(node, t)}
-        weights = {target: _weight_tensor(ep, target) for target in nodes}
-        if not weights:
-            raise CompressionError(
-                "nothing_to_prune",
-                "the program has no floating-point Conv/Linear/MatMul weights to prune (prune before quantizing)",
-            )
-        arrays = {k: t.detach().float().cpu().numpy() for k, t in weights.items() if t is not None}
+        nodes, weights = _prunable_weights(ep)
         masks = step_masks(
-            {k: np.abs(a) for k, a in arrays.items()},
+            {k: np.abs(t.detach().float().cpu().numpy()) for k, t in weights.items()},
             sparsity=step.target_sparsity,
             scope=step.scope,
             pattern=parse_pattern(step.pattern) if step.pattern else None,
             overrides=step.overrides,
             reduction_axes={k: _reduction_axis(node) for k, node in nodes.items()},
         )
-        layers = []
-        zeros = total = 0
-        with _torch_errors("pruning_failed", "writing the pruned weights"), torch.no_grad():
-            for key, t in weights.items():
-                assert t is not None
-                t.mul_(torch.from_numpy(masks[key]).to(device=t.device, dtype=t.dtype))
-                z = t.numel() - int(torch.count_nonzero(t))
-                zeros, total = zeros + z, total + t.numel()
-                layers.append({"name": key, "shape": list(t.shape), "sparsity": round(z / t.numel(), 6)})
-            _save(ep, dst)
-        _check_runs(dst)
+        layers, zeros, total = _write_masked(ep, weights, masks, dst)
         return StepReport(
             op="prune",
             method="magnitude",
@@ -623,29 +668,30 @@ class Pt2Backend:
             },
         )
 
+    # Training steps live in pt2_training (it imports this module).
+    def prune_gradient(self, src: Path, dst: Path, step: PruneGradient, ctx: StepContext) -> StepReport:
+        from worker.compress import pt2_training
+
+        return pt2_training.prune_gradient(src, dst, step, ctx)
+
+    def prune_regularized(self, src: Path, dst: Path, step: PruneRegularized, ctx: StepContext) -> StepReport:
+        from worker.compress import pt2_training
+
+        return pt2_training.prune_regularized(src, dst, step, ctx)
+
+    def finetune_distill(self, src: Path, dst: Path, step: Finetune, ctx: StepContext) -> StepReport:
+        from worker.compress import pt2_training
+
+        return pt2_training.finetune(src, dst, step, ctx)
+
+    def finetune_labels(self, src: Path, dst: Path, step: Finetune, ctx: StepContext) -> StepReport:
+        from worker.compress import pt2_training
+
+        return pt2_training.finetune(src, dst, step, ctx)
+
     def layers(self, path: Path) -> list[dict[str, Any]]:
         """One row per weight tensor: name, consuming op, shape, parameters, nonzero, sparsity, bits, bytes."""
-        ep = _load(path)
-        rows = []
-        for node, target, t in _weight_inputs(ep):
-            if not _counts_as_weight(node, t):
-                continue
-            nonzero = int(torch.count_nonzero(t.detach()))
-            numel = t.numel()
-            rows.append(
-                {
-                    "name": target,
-                    "op": next((_op_name(u) for u in node.users), None),
-                    "shape": list(t.shape),
-                    "parameters": numel,
-                    "nonzero": nonzero,
-                    "sparsity": round(1 - nonzero / numel, 6) if numel else 0.0,
-                    "bits": t.element_size() * 8,
-                    "bytes": numel * t.element_size(),
-                    "prunable": _is_prunable(node, t),
-                }
-            )
-        return rows
+        return list(_weight_rows(_load(path)))
 
     def prunable_weights(self, path: Path) -> dict[str, tuple[np.ndarray, int]]:
         """The weights pruning acts on, each with its reduction axis (for N:M and per-channel arithmetic)."""
@@ -703,10 +749,31 @@ class Pt2Backend:
         return report
 
     def quantize(self, src: Path, dst: Path, step: QuantizeStepT, data: EvalData | None, device: str) -> StepReport:
-        ep = _load(src)
+        if isinstance(step, QuantizeFp16):
+            return self._sized(src, dst, step.method, lambda ep: self._half(ep, dst, "fp16"))
+        return self._sized(src, dst, step.method, lambda ep: self._int8_pt2e(ep, dst, step, data, device))
+
+    def quantize_bf16(self, src: Path, dst: Path, step: QuantizeBf16, ctx: StepContext) -> StepReport:
+        return self._sized(src, dst, step.method, lambda ep: self._half(ep, dst, "bf16"))
+
+    def quantize_int8_weight_only(
+        self, src: Path, dst: Path, step: QuantizeInt8WeightOnly, ctx: StepContext
+    ) -> StepReport:
+        from worker.compress.pt2_weight_only import quantize_weight_only
+
+        return self._sized(src, dst, step.method, lambda ep: quantize_weight_only(ep, dst, step))
+
+    def quantize_int4_weight_only(
+        self, src: Path, dst: Path, step: QuantizeInt4WeightOnly, ctx: StepContext
+    ) -> StepReport:
+        from worker.compress.pt2_weight_only import quantize_weight_only
+
+        return self._sized(src, dst, step.method, lambda ep: quantize_weight_only(ep, dst, step))
+
+    def _sized(self, src: Path, dst: Path, method: str, write: Callable[[ExportedProgram], StepReport]) -> StepReport:
+        """Run ``write`` on the loaded ``src`` (it writes ``dst``), check the result runs, add sizes to the report."""
         before = self.stored_size(src)
-        fp16 = isinstance(step, QuantizeFp16)
-        report = self._fp16(ep, dst) if fp16 else self._int8_pt2e(ep, dst, step, data, device)
+        report = write(_load(src))
         _check_runs(dst)
         after = self.stored_size(dst)
         report.details |= {
@@ -715,9 +782,7 @@ class Pt2Backend:
             "size_ratio": round(after / before, 4),
         }
         if after >= before:
-            report.notes.append(
-                f"{step.method}: the output .pt2 is not smaller than its input ({after} vs {before} bytes)."
-            )
+            report.notes.append(f"{method}: the output .pt2 is not smaller than its input ({after} vs {before} bytes).")
         return report
 
     def _int8_pt2e(
@@ -776,19 +841,19 @@ class Pt2Backend:
             details["calibration_samples"] = min(samples, data.num_samples)
         return StepReport(op="quantize", method=step.method, details=details, notes=notes)
 
-    def _fp16(self, ep: ExportedProgram, dst: Path) -> StepReport:
-        with _torch_errors("quantization_failed", "fp16 conversion"):
+    def _half(self, ep: ExportedProgram, dst: Path, method: Literal["fp16", "bf16"]) -> StepReport:
+        dtype = torch.float16 if method == "fp16" else torch.bfloat16
+        with _torch_errors("quantization_failed", f"{method} conversion"):
             gm = ep.module()
-            _to_fp16_graph(gm)
-            halves = sum(
-                1 for t in [*gm.parameters(), *gm.buffers()] if t.dtype == torch.float16
-            )  # floating tensors now stored in half
+            _to_half_graph(gm, dtype)
+            halves = sum(1 for t in [*gm.parameters(), *gm.buffers()] if t.dtype == dtype)  # now stored in half
         _reexport(ep, gm, dst)
         return StepReport(
             op="quantize",
-            method="fp16",
-            details={"method": "fp16", "half_tensors": halves},
+            method=method,
+            details={"method": method, "half_tensors": halves},
             notes=[
-                "Weights and compute in float16; inputs and outputs keep their dtype. CPU fp16 kernels can be slow."
+                f"Weights and compute in {dtype}; inputs and outputs keep their dtype. CPU {method} kernels can be "
+                "slower than float32 (see the latency)."
             ],
         )
