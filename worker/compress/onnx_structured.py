@@ -568,7 +568,8 @@ def _apply(graph: onnx.GraphProto, active: list[_Producer], facts: _Facts) -> No
             axis = 0 if kind == "channel" else track.axis - (track.rank - c.ndim)
             if axis < 0 or c.shape[axis] != track.length or track.length == 1:
                 continue
-            fresh = f"{name}_pruned_{len(new_values)}"
+            # Resized in place when only this node reads it (names stay those of the per-layer table), else a copy.
+            fresh = name if name in inits and readers.get(name, 0) == 1 else f"{name}_pruned_{len(new_values)}"
             new_values[fresh] = np.delete(c, gone, axis=axis)
             node.input[slot] = fresh
         for node, tensor in p.reshapes:
