@@ -348,8 +348,8 @@ def prune_gradient(src: Path, dst: Path, step: PruneGradient, ctx: StepContext) 
     ep = _load(src)
     nodes, weights = _prunable_weights(ep)
     targets = targets_for("saliency", data, ctx.reference)
-    prog = Program(ep, data)
-    scores, used = saliency(prog, targets, list(weights), step.samples)
+    with _torch_errors("training_failed", "accumulating gradient saliency"):
+        scores, used = saliency(Program(ep, data), targets, list(weights), step.samples)
     masks = step_masks(
         scores,
         sparsity=step.sparsity,
@@ -378,19 +378,20 @@ def prune_regularized(src: Path, dst: Path, step: PruneRegularized, ctx: StepCon
     ep = _load(src)
     nodes, _ = _prunable_weights(ep)
     targets = targets_for("auto", data, ctx.reference, temperature=2.0)
-    prog = Program(ep, data)
     parts = split(data.num_samples)
-    before = quality(prog, parts.measure, ctx.reference)
-    result = train(
-        prog,
-        targets,
-        parts.train,
-        epochs=step.epochs,
-        lr=step.lr,
-        batch_size=step.batch_size,
-        penalty=(step.penalty, step.strength, list(nodes)),
-    )
-    trained = quality(prog, parts.measure, ctx.reference)
+    with _torch_errors("training_failed", "prune/regularized training"):
+        prog = Program(ep, data)
+        before = quality(prog, parts.measure, ctx.reference)
+        result = train(
+            prog,
+            targets,
+            parts.train,
+            epochs=step.epochs,
+            lr=step.lr,
+            batch_size=step.batch_size,
+            penalty=(step.penalty, step.strength, list(nodes)),
+        )
+        trained = quality(prog, parts.measure, ctx.reference)
     _, weights = _prunable_weights(ep)  # the trained values, written back into the program
     masks = step_masks(
         {k: np.abs(t.detach().float().cpu().numpy()) for k, t in weights.items()},
@@ -429,12 +430,12 @@ def finetune(src: Path, dst: Path, step: Finetune, ctx: StepContext) -> StepRepo
     data, notes = _job_data(ctx, f"finetune/{step.method}")
     ep = _load(src)
     targets = targets_for(step.method, data, ctx.reference, step.temperature)
-    prog = Program(ep, data)
     parts = split(data.num_samples)
-    zeros_before, total = sparsity(prog)
-    before = quality(prog, parts.measure, ctx.reference)
-    result = train(prog, targets, parts.train, epochs=step.epochs, lr=step.lr, batch_size=step.batch_size)
-    with _torch_errors("finetune_failed", "saving the fine-tuned program"):
+    with _torch_errors("training_failed", f"finetune/{step.method}"):
+        prog = Program(ep, data)
+        zeros_before, total = sparsity(prog)
+        before = quality(prog, parts.measure, ctx.reference)
+        result = train(prog, targets, parts.train, epochs=step.epochs, lr=step.lr, batch_size=step.batch_size)
         _save(ep, dst)
     _check_runs(dst)
     tuned = Program(_load(dst), data)
