@@ -132,9 +132,11 @@ class PruneRegularized(_Strict):
     method: Literal["regularized"]
     sparsity: float = _SPARSITY
     penalty: Literal["l1", "l2"] = "l1"
-    strength: float = Field(1e-4, gt=0.0, le=1.0, description="Penalty weight.")
-    epochs: int = Field(3, ge=1, le=20)
-    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    # Defaults measured on the digits CNN at 90%: 1e-2 / 5 epochs / lr 3e-3 gives 0.932 where 1e-4 / 3 / 1e-3
+    # gave 0.700, below one-shot magnitude.
+    strength: float = Field(1e-2, gt=0.0, le=1.0, description="Penalty weight.")
+    epochs: int = Field(5, ge=1, le=20)
+    lr: float = Field(3e-3, gt=0.0, le=1.0)
     batch_size: int = Field(64, ge=1, le=4096)
     scope: Literal["global", "per_layer"] = "global"
 
@@ -160,8 +162,9 @@ class Finetune(_Strict):
 
     op: Literal["finetune"] = "finetune"
     method: Literal["distill", "labels"]
+    # Measured on the digits CNN pruned to 90%: lr 3e-3 recovers 0.733 -> 0.970 in 3 epochs (1e-3: 0.909).
     epochs: int = Field(3, ge=1, le=50)
-    lr: float = Field(1e-3, gt=0.0, le=1.0)
+    lr: float = Field(3e-3, gt=0.0, le=1.0)
     batch_size: int = Field(64, ge=1, le=4096)
     temperature: float = Field(2.0, gt=0.0, le=20.0, description="Distillation temperature (distill only).")
 
