@@ -23,6 +23,7 @@ from app.log_redaction import redact_access_log
 from app.models.router import router as models_router
 from app.observability import RequestContextMiddleware
 from app.openapi import install_openapi, operation_id
+from app.search.router import router as search_router
 from app.system.router import router as system_router
 from app.workers.router import router as workers_router
 
@@ -124,7 +125,15 @@ def create_app(*, migrate_on_start: bool = True) -> FastAPI:
 
     redact_access_log()
     app.add_middleware(RequestContextMiddleware)
-    for router in (system_router, models_router, datasets_router, jobs_router, artifacts_router, workers_router):
+    for router in (
+        system_router,
+        models_router,
+        datasets_router,
+        jobs_router,
+        search_router,
+        artifacts_router,
+        workers_router,
+    ):
         app.include_router(router)
     app.include_router(dashboard_router)  # the web page; plain routes outside the OpenAPI document
     return app

@@ -101,6 +101,11 @@ class CompressionJob(Base):
         ForeignKey("dataset_uploads.id", ondelete="SET NULL"), index=True, nullable=True
     )
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # "compress": a pipeline a worker runs; "search": a coordinator whose trials are compress jobs (parent_id).
+    kind: Mapped[str] = mapped_column(String(16), default="compress", server_default="compress")
+    parent_id: Mapped[str | None] = mapped_column(
+        ForeignKey("compression_jobs.id", ondelete="SET NULL"), index=True, nullable=True
+    )
     queue: Mapped[str] = mapped_column(String(16), default="cpu")
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
@@ -126,7 +131,10 @@ class CompressionJob(Base):
         order_by="WebhookDelivery.created_at", lazy="selectin", viewonly=True
     )
 
-    __table_args__ = (Index("ix_compression_jobs_owner_created", "owner_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_compression_jobs_owner_created", "owner_id", "created_at", "id"),
+        UniqueConstraint("parent_id", "cache_key", name="uq_compression_jobs_parent_recipe"),
+    )
 
 
 class Artifact(Base):

@@ -236,6 +236,32 @@ def environment() -> dict[str, str]:
     return env
 
 
+def job_kind(job_id: str) -> tuple[str | None, str | None]:
+    """(kind, parent search id) of a job; (None, None) if it does not exist."""
+
+    def _do() -> tuple[str | None, str | None]:
+        with session_scope() as s:
+            row = s.execute(
+                select(CompressionJob.kind, CompressionJob.parent_id).where(CompressionJob.id == job_id)
+            ).first()
+            return (row[0], row[1]) if row else (None, None)
+
+    return with_db_retry(_do)
+
+
+def advance_search(search_id: str) -> None:
+    """Let the search plan its next trials (or finish), then enqueue them once they are committed."""
+    from app.queue import enqueue_job
+    from app.search.service import advance_search as advance
+
+    def _do() -> list[tuple[str, str]]:
+        with session_scope() as s:
+            return advance(s, get_settings(), search_id)
+
+    for trial_id, queue in with_db_retry(_do):
+        enqueue_job(trial_id, queue)
+
+
 def run_job(job_id: str, *, worker: str) -> str:
     """Run the job if it can be claimed; returns the claim's state (\"busy\": retry after the lease)."""
     settings = get_settings()

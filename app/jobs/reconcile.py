@@ -43,12 +43,17 @@ def find_lost_jobs(session: Session, settings: Settings) -> list[tuple[str, str]
             func.coalesce(CompressionJob.enqueued_at, CompressionJob.created_at) < lease_cutoff,
         ),
     )
-    rows = [(r.id, r.queue) for r in session.execute(select(CompressionJob.id, CompressionJob.queue).where(lost))]
+    found = session.execute(select(CompressionJob.id, CompressionJob.queue, CompressionJob.kind).where(lost)).all()
+    rows = [(r.id, r.queue) for r in found]
+    # A running search has no worker between its trials: re-sending it is its periodic nudge, not news.
+    searches = {r.id for r in found if r.kind == "search"}
     if rows:
         session.execute(
             update(CompressionJob).where(CompressionJob.id.in_([r[0] for r in rows])).values(enqueued_at=now)
         )
         for job_id, _queue in rows:
+            if job_id in searches:
+                continue
             add_event(session, job_id, "log", level="warning", message="no worker had the job: sent to the queue again")
     session.commit()
     return rows

@@ -32,6 +32,9 @@ EXAMPLE = {
 def to_public(job: CompressionJob) -> JobPublic:
     return JobPublic(
         id=job.id,
+        kind=job.kind,  # type: ignore[arg-type]
+        parent_id=job.parent_id,
+        worker=job.worker,
         status=job.status,  # type: ignore[arg-type]
         progress=job.progress,
         stage=job.stage,

@@ -102,6 +102,10 @@ class JobPublic(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [JOB_EXAMPLE]})
 
     id: str
+    kind: Literal["compress", "search"] = Field(
+        "compress", description="search: an accuracy-aware search (POST /v1/searches) whose trials are jobs."
+    )
+    parent_id: str | None = Field(None, description="For a search's trial: the search's id.")
     status: JobStatus
     progress: float
     stage: str
@@ -109,6 +113,7 @@ class JobPublic(BaseModel):
     queue: str
     error: JobError | None
     attempts: int
+    worker: str | None = Field(None, description="The worker (Celery node name) that runs or ran the job.")
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

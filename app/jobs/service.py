@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 from app import idempotency
 from app.config import Settings
 from app.errors import InvalidSpec, InvalidUpload
-from app.jobs.capabilities import method_info
+from app.jobs.capabilities import plan_formats
 from app.jobs.events import add_event
 from app.jobs.spec import JobSpec
 from app.ownership import get_owned, list_owned
@@ -36,7 +36,8 @@ def validate_spec(
         # The registry decides: a live worker must offer cuda now. cpu/auto jobs are accepted with no live worker
         # (one may be starting, as `squeeze serve` starts its own) and wait in the queue.
         require_device(session, "cuda")
-    if not spec.steps and dataset is None:
+    steps = spec.effective_steps()
+    if not steps and dataset is None:
         raise InvalidSpec(
             "a job without steps only evaluates the model, so it needs a dataset_id", code="dataset_required"
         )
@@ -47,14 +48,12 @@ def validate_spec(
             code="dataset_required",
             details={"reason": "input_shapes_unknown"},
         )
-    for i, step in enumerate(spec.steps):
-        info = method_info(model.format, step.op, step.method)
+    for i, (step, (fmt, info)) in enumerate(zip(steps, plan_formats(model.format, steps), strict=True)):
         if info is None:
             raise InvalidSpec(
-                f"steps[{i}]: {step.op}/{step.method} is not available for {model.format} models; "
-                "see GET /v1/capabilities",
+                f"steps[{i}]: {step.op}/{step.method} is not available for {fmt} models; see GET /v1/capabilities",
                 code="method_not_supported",
-                details={"step": i, "format": model.format, "op": step.op, "method": step.method},
+                details={"step": i, "format": fmt, "op": step.op, "method": step.method},
             )
         if info["needs_dataset"] and dataset is None:
             raise InvalidSpec(
@@ -62,9 +61,15 @@ def validate_spec(
                 code="dataset_required",
                 details={"step": i},
             )
+        if info.get("needs_labels") and not (dataset is not None and dataset.has_labels):
+            raise InvalidSpec(
+                f"steps[{i}]: {step.op}/{step.method} trains on labels: use a dataset with a `labels` array",
+                code="labels_required",
+                details={"step": i},
+            )
         if spec.device == "cuda" and "cuda" not in info["devices"]:
             raise InvalidSpec(
-                f"steps[{i}]: {step.op}/{step.method} does not run on cuda for {model.format} models",
+                f"steps[{i}]: {step.op}/{step.method} does not run on cuda for {fmt} models",
                 code="method_not_supported",
                 details={"step": i, "device": "cuda"},
             )
@@ -79,7 +84,13 @@ def validate_spec(
 
 
 def create_job(
-    session: Session, settings: Settings, *, spec: JobSpec, user: User, idempotency_key: str | None = None
+    session: Session,
+    settings: Settings,
+    *,
+    spec: JobSpec,
+    user: User,
+    idempotency_key: str | None = None,
+    parent_id: str | None = None,
 ) -> tuple[CompressionJob, bool]:
     """Validate and record a job. Returns (job, needs_enqueue); a cache hit is recorded already finished.
 
@@ -101,6 +112,7 @@ def create_job(
         queue="gpu" if spec.device == "cuda" else "cpu",
         cache_key=key,
         enqueued_at=utcnow(),
+        parent_id=parent_id,
     )
     earlier = None
     if spec.cache:
@@ -178,6 +190,10 @@ def cancel_job(session: Session, *, job_id: str, user: User) -> CompressionJob:
     """Cancel a queued or running job. A running one stops at its next progress report; finished ones stay."""
     job = get_job(session, job_id=job_id, user=user)
     if job.status not in TERMINAL:
+        if job.kind == "search":
+            from app.search.service import cancel_trials
+
+            cancel_trials(session, job)
         job.status = "cancelled"
         job.stage = "cancelled"
         job.finished_at = utcnow()

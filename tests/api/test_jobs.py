@@ -37,6 +37,8 @@ def test_submit_records_and_enqueues_the_id_only(client, alice, uploaded) -> Non
         "method": "magnitude",
         "sparsity": 0.5,
         "scope": "global",
+        "pattern": None,
+        "overrides": {},
     }
     assert job["metrics"] is None and job["artifacts"] == [] and job["error"] is None
     assert _queued_ids("cpu") == [job["id"]]
@@ -105,8 +107,10 @@ def test_dataset_that_does_not_fit_the_model_is_refused(client, alice, uploaded)
 
 def test_capabilities_list_formats_and_methods(client, alice) -> None:
     caps = client.get("/v1/capabilities", headers=alice).json()
-    assert set(caps["formats"]) == {"onnx", "pt2"}
+    assert set(caps["formats"]) == {"onnx", "pt2", "torchscript", "squeeze"}
+    assert caps["formats"]["squeeze"]["output_only"] is True  # produced by encode/squeeze, never uploaded
     assert caps["methods"]["onnx"]["quantize"]["int8_static"]["needs_dataset"] is True
+    assert caps["methods"]["onnx"]["encode"]["squeeze"]["produces"] == "squeeze"
     assert caps["methods"]["pt2"]["prune"]["magnitude"]["needs_dataset"] is False
 
 
