@@ -58,6 +58,13 @@ class Settings(BaseSettings):
         20 * 2**30, ge=0, description="Bytes of fetched blobs a worker keeps cached (LRU); 0: no limit."
     )
 
+    auth_cache_s: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="An API key checked against the database is trusted this long by that API process; a key "
+        "revoked elsewhere is refused at most this much later. 0: every request reads the database.",
+    )
     max_upload_bytes: int = Field(8 * 1024**3, ge=1, description="Largest accepted upload; 413 past it.")
     max_archive_members: int = Field(1000, ge=1)
     max_archive_ratio: float = Field(200.0, gt=1, description="Largest compression ratio of an archive member.")

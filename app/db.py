@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import Connection, Engine, MetaData, create_engine, event, exc
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from app.config import get_settings
@@ -25,8 +27,11 @@ class Base(DeclarativeBase):
 
 
 # Connections per process, for both databases: the API admits at most SESSION_SLOTS requests to a session at
-# once (app.deps), a few under this, so that each admitted request finds a connection.
-POOL_SIZE, MAX_OVERFLOW = 10, 20
+# once (app.deps), a few under this, so that each admitted request finds a connection. All of them stay pooled:
+# with overflow connections (10 kept + 20 overflow, as before), a busy API closed a connection at every checkin
+# beyond the tenth and opened a new one at the next checkout (a PostgreSQL backend started per request). A
+# process opens only the connections it uses at once (a worker one or two).
+POOL_SIZE, MAX_OVERFLOW = 30, 0
 SESSION_SLOTS = POOL_SIZE + MAX_OVERFLOW - 4  # 4 for the reconciler, event streams, /readyz and /metrics
 
 
@@ -50,7 +55,32 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
+    engine = create_engine(url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
+    _ping_after_idle(engine)
+    return engine
+
+
+# A pooled connection idle this long is pinged before use. pool_pre_ping pinged on every checkout: one more round
+# trip per request, as much as the query of a status poll. A connection in use a moment ago is as good as a ping;
+# a database restart takes longer than this, so every connection that lived through one is pinged (and replaced).
+PING_AFTER_IDLE_S = 1.0
+
+
+def _ping_after_idle(engine: Engine) -> None:
+    @event.listens_for(engine, "checkin")
+    def _idle_from_now(_dbapi_conn: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_S:
+            return  # new, or in use a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except Exception as e:
+            # SQLAlchemy's documented way to say "dead": the pool drops it and checks out a fresh connection.
+            raise exc.DisconnectionError(f"pooled connection failed its ping: {type(e).__name__}") from e
 
 
 @lru_cache
@@ -61,6 +91,14 @@ def get_engine() -> Engine:
 @lru_cache
 def get_sessionmaker() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
+
+
+@contextmanager
+def read_connection() -> Iterator[Connection]:
+    """A pooled connection in autocommit mode, for a read that is one statement (atomic by itself): no BEGIN and
+    ROLLBACK round trips around it, as a session would send."""
+    with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        yield conn
 
 
 @contextmanager

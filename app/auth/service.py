@@ -2,6 +2,11 @@
 
 A key carries 192 random bits, so a plain sha256 (not a slow password hash) is the right digest: nothing to
 brute-force, and lookups stay cheap on every request. Comparison is constant-time.
+
+Every request is authenticated, but a key checked against the database in the last ``auth_cache_s`` seconds
+(5 by default) is accepted from an in-process cache: the lookup was most of the cost of a status poll. So a key
+revoked from another process (``squeeze keys revoke``, another API process) is refused at most that long later;
+one revoked through this process is dropped from its cache at once.
 """
 
 from __future__ import annotations
@@ -9,14 +14,69 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+from dataclasses import dataclass
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
+from app.config import get_settings
 from app.errors import Conflict, NotFound, Unauthorized
 from app.tables import ApiKey, User, utcnow
 
 KEY_PREFIX = "sqz"
+
+
+@dataclass(frozen=True, slots=True)
+class _CachedKey:
+    prefix: str
+    user: User  # detached, shared by the requests that present the key: read, never changed
+    expires: float  # time.monotonic()
+
+
+class KeyCache:
+    """Keys that passed the database check recently: sha256 of the whole key -> its user, until a deadline.
+
+    Only keys that were valid are cached (an unknown or revoked key is looked up every time), and an entry is
+    found only by presenting the full key. Bounded: the oldest entry goes first once ``max_entries`` are held.
+    Written by our own dict-plus-lock rather than a library because it needs a per-prefix drop on revocation.
+    """
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[bytes, _CachedKey] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def digest(token: str) -> bytes:
+        return hashlib.sha256(token.encode()).digest()
+
+    def get(self, token: str) -> User | None:
+        entry = self._entries.get(self.digest(token))
+        if entry is None or entry.expires <= time.monotonic():
+            return None
+        return entry.user
+
+    def put(self, token: str, prefix: str, user: User, ttl_s: float) -> None:
+        if ttl_s <= 0:
+            return
+        copy = User(id=user.id, name=user.name, is_admin=user.is_admin, created_at=user.created_at)
+        make_transient_to_detached(copy)  # like a row loaded by a session that has closed
+        entry = _CachedKey(prefix, copy, time.monotonic() + ttl_s)
+        with self._lock:
+            self._entries.pop(self.digest(token), None)  # re-inserted at the end: the oldest are at the front
+            while len(self._entries) >= self.max_entries:
+                del self._entries[next(iter(self._entries))]
+            self._entries[self.digest(token)] = entry
+
+    def drop_prefix(self, prefix: str) -> None:
+        with self._lock:
+            for digest in [d for d, e in self._entries.items() if e.prefix == prefix]:
+                del self._entries[digest]
+
+
+KEY_CACHE = KeyCache()
 
 
 def _digest(secret: str) -> str:
@@ -50,6 +110,7 @@ def revoke_key(session: Session, *, key_or_prefix: str) -> ApiKey:
     if key is None:
         raise NotFound("no such key", code="key_not_found")
     key.revoked_at = key.revoked_at or utcnow()
+    KEY_CACHE.drop_prefix(prefix)
     return key
 
 
@@ -58,6 +119,11 @@ def find_user(session: Session, *, name: str) -> User:
     if user is None:
         raise NotFound(f"no user named {name!r}", code="user_not_found")
     return user
+
+
+def recently_authenticated(token: str) -> User | None:
+    """The user of a key that passed :func:`authenticate` less than ``auth_cache_s`` ago; None otherwise."""
+    return KEY_CACHE.get(token)
 
 
 def authenticate(session: Session, token: str) -> User:
@@ -70,4 +136,5 @@ def authenticate(session: Session, token: str) -> User:
     valid = hmac.compare_digest(expected, _digest(parts[2]))
     if key is None or not valid or key.revoked_at is not None:
         raise Unauthorized("invalid or revoked API key", code="invalid_api_key")
+    KEY_CACHE.put(token, parts[1], key.user, get_settings().auth_cache_s)
     return key.user
