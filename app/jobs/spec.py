@@ -169,6 +169,24 @@ class Finetune(_Strict):
     temperature: float = Field(2.0, gt=0.0, le=20.0, description="Distillation temperature (distill only).")
 
 
+_EXCLUDE = Field(
+    default_factory=list,
+    max_length=256,
+    description=(
+        "Weights left in floating point, by layer-name pattern (fnmatch, as in the per-layer table): mixed "
+        "precision, e.g. the most sensitive layers kept float while the rest is quantized."
+    ),
+)
+
+
+def _check_patterns(patterns: list[str]) -> list[str]:
+    if any(not p or len(p) > 256 for p in patterns):
+        raise ValueError("layer-name patterns must be 1-256 characters")
+    return patterns
+
+
+LayerPatterns = Annotated[list[str], AfterValidator(_check_patterns)]
+
 _INCLUDE = Field(
     default_factory=list,
     max_length=4,
@@ -200,6 +218,7 @@ class QuantizeInt8WeightOnly(_Strict):
     method: Literal["int8_weight_only"]
     group_size: int | None = Field(None, ge=16, le=4096, description="None: one scale per output channel.")
     include: list[Literal["embedding"]] = _INCLUDE
+    exclude: LayerPatterns = _EXCLUDE
 
 
 class QuantizeInt4WeightOnly(_Strict):
@@ -210,6 +229,7 @@ class QuantizeInt4WeightOnly(_Strict):
     group_size: int = Field(32, ge=16, le=1024, description="Weights sharing one scale (power of two).")
     symmetric: bool = True
     include: list[Literal["embedding"]] = _INCLUDE
+    exclude: LayerPatterns = _EXCLUDE
 
     @field_validator("group_size")
     @classmethod

@@ -50,6 +50,7 @@ class Recipe:
     mode: str = "magnitude"  # magnitude | mixed | finetune | pattern | structured
     pattern: str | None = None
     overrides: tuple[tuple[str, float], ...] = ()
+    exclude: tuple[str, ...] = ()  # layers the quantization leaves in float (mixed precision)
 
     @property
     def line(self) -> str:
@@ -66,7 +67,8 @@ class Recipe:
             if self.mode == "finetune":
                 parts.append("finetune")
         if self.quantize:
-            parts.append(self.quantize)
+            kept = f" ({len(self.exclude)} most sensitive layer(s) kept float)" if self.exclude else ""
+            parts.append(self.quantize + kept)
         return " + ".join(parts) or "unchanged"
 
 
@@ -102,7 +104,10 @@ def steps_for(recipe: Recipe, fmt: str, spec: SearchSpec) -> list[dict[str, Any]
         if recipe.mode == "finetune":
             steps.append({"op": "finetune", "method": "distill"})
     if recipe.quantize:
-        steps.append({"op": "quantize", "method": recipe.quantize})
+        quantize: dict[str, Any] = {"op": "quantize", "method": recipe.quantize}
+        if recipe.exclude:
+            quantize["exclude"] = list(recipe.exclude)
+        steps.append(quantize)
     if steps and recipe.mode != "structured" and (recipe.sparsity > 0 or recipe.pattern) and _encode(fmt, spec):
         steps.append(dict(ENCODE))
     return steps if steps and _runs(fmt, steps) else None
@@ -122,10 +127,12 @@ def recipe_key(steps: list[dict[str, Any]]) -> str:
 
 def recipe_of(steps: list[dict[str, Any]]) -> Recipe:
     """Read a trial's recipe back from its steps (the planner's only memory is the trials themselves)."""
-    quantize = next((s["method"] for s in steps if s.get("op") == "quantize"), None)
+    quant_step = next((s for s in steps if s.get("op") == "quantize"), None)
+    quantize = quant_step["method"] if quant_step else None
+    exclude = tuple((quant_step or {}).get("exclude") or ())
     prune = next((s for s in steps if s.get("op") == "prune"), None)
     if prune is None:
-        return Recipe(quantize)
+        return Recipe(quantize, exclude=exclude)
     if prune.get("method") == "structured":
         return Recipe(quantize, prune["sparsity"], "structured")
     if prune.get("pattern"):
@@ -207,6 +214,10 @@ def plan(spec: SearchSpec, fmt: str, trials: list[TrialView], *, out_of_time: bo
             line_wanted, line_waiting = _line(spec, fmt, q, levels, by_key, best)
             wanted += line_wanted
             waiting = waiting or line_waiting
+    for q in quants:
+        recipe = _mixed_precision(spec, fmt, q, by_key)
+        if recipe is not None:
+            wanted.append(recipe)
     for recipe in _asked_for(spec, quants, by_key, fmt):
         if _state(recipe, fmt, spec, by_key) == "new":
             wanted.append(recipe)
@@ -345,6 +356,35 @@ def _line(
                 if above and _state(Recipe(q, above[0], "finetune"), fmt, spec, by_key) == "new":
                     out.append(Recipe(q, above[0], "finetune"))
     return out, False
+
+
+MIXED_PRECISION = ("int8_weight_only", "int4_weight_only")  # the methods whose steps take ``exclude``
+
+
+def _mixed_precision(spec: SearchSpec, fmt: str, q: str, by_key: dict[str, TrialView]) -> Recipe | None:
+    """When a quantization alone misses the budget: the same with its most sensitive layers kept in float.
+
+    Sensitivity comes from the anchor trial itself (each layer quantized alone, measured). First the most
+    sensitive quarter of the layers, then half; nothing once one of them meets the budget or both missed.
+    """
+    if q not in MIXED_PRECISION or not spec.space.mixed:
+        return None
+    anchor = _trial(Recipe(q), fmt, spec, by_key)
+    if anchor is None or anchor.status != "succeeded" or _meets(spec, anchor) is not False:
+        return None
+    rows = ((anchor.metrics or {}).get("baseline") or {}).get("layers") or []
+    sensitivity = {r["name"]: r["sensitivity"] for r in rows if r.get("sensitivity") is not None}
+    if len(sensitivity) < 2:
+        return None
+    ranked = sorted(sensitivity, key=lambda name: sensitivity[name])
+    for share in (4, 2):
+        recipe = Recipe(q, exclude=tuple(sorted(ranked[: max(1, len(ranked) // share)])))
+        state = _state(recipe, fmt, spec, by_key)
+        if state == "new":
+            return recipe
+        if state == "pending" or _meets(spec, _trial(recipe, fmt, spec, by_key)):
+            return None
+    return None
 
 
 def _refined_ok(spec: SearchSpec, fmt: str, recipe: Recipe, by_key: dict[str, TrialView]) -> bool:

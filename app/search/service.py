@@ -121,7 +121,7 @@ def advance_search(session: Session, settings: Settings, search_id: str) -> list
                 "dataset_id": search.dataset_id,
                 "steps": steps,
                 "device": spec.device,
-                "evaluation": {"layer_sensitivity": "on" if recipe == probe else "off"},
+                "evaluation": {"layer_sensitivity": _sensitivity_for(recipe, probe)},
             }
         )
         try:
@@ -143,6 +143,16 @@ def advance_search(session: Session, settings: Settings, search_id: str) -> list
         _report_progress(session, search, spec, trials, decision.skipped)
     session.commit()
     return to_enqueue
+
+
+def _sensitivity_for(recipe: planner.Recipe, probe: planner.Recipe) -> str:
+    """The pruning probe always measures per-layer sensitivity (mixed sparsity uses it); each quantization alone
+    measures it for small models (mixed precision uses it); other trials skip it, it costs an evaluation a layer."""
+    if recipe == probe:
+        return "on"
+    if recipe.sparsity == 0 and recipe.mode == "magnitude" and not recipe.exclude:
+        return "auto"
+    return "off"
 
 
 def _cancel_trials(session: Session, search_id: str, reason: str) -> None:

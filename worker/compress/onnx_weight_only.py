@@ -31,6 +31,7 @@ from worker.compress.onnx_format import (
     _save_model,
     _scratch,
 )
+from worker.compress.pruning import layer_overrides
 from worker.compress.types import CompressionError, StepContext, StepReport
 
 _MS_DOMAIN = "com.microsoft"
@@ -72,7 +73,12 @@ def weight_only_step(
     model = _load_model(src)
     try:
         details = quantize_weight_only(
-            model, bits=bits, group_size=step.group_size, symmetric=symmetric, embeddings="embedding" in step.include
+            model,
+            bits=bits,
+            group_size=step.group_size,
+            symmetric=symmetric,
+            embeddings="embedding" in step.include,
+            exclude=step.exclude,
         )
     except CompressionError:
         raise
@@ -94,7 +100,13 @@ def weight_only_step(
 
 
 def quantize_weight_only(
-    model: onnx.ModelProto, *, bits: int, group_size: int | None, symmetric: bool, embeddings: bool
+    model: onnx.ModelProto,
+    *,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    embeddings: bool,
+    exclude: list[str] | None = None,
 ) -> dict[str, Any]:
     """Quantize ``model``'s MatMul/Gemm weights (and embedding tables if asked) in place; returns the details.
 
@@ -120,7 +132,10 @@ def quantize_weight_only(
                 left.append({"name": node.input[1], "op": "Conv", "reason": "no packed weight-only Conv op"})
             continue
         tensor = initializers[weight]
-        if len(readers[weight]) > 1:
+        if exclude and layer_overrides([weight], dict.fromkeys(exclude, 0.0)):
+            left.append({"name": weight, "op": node.op_type, "reason": "excluded by the step (kept in float)"})
+            new_nodes.append(node)
+        elif len(readers[weight]) > 1:
             left.append({"name": weight, "op": node.op_type, "reason": "weight shared with another node"})
             new_nodes.append(node)
         elif node.op_type == "MatMul":

@@ -29,6 +29,7 @@ import torch
 from torch.export import ExportedProgram
 
 from app.jobs.spec import QuantizeInt4WeightOnly, QuantizeInt8WeightOnly
+from worker.compress.pruning import layer_overrides
 from worker.compress.pt2_format import (
     _WEIGHT_ARGS,
     _attr,
@@ -134,6 +135,9 @@ def quantize_weight_only(
                 continue
             if None in uses or not uses <= wanted or reads[str(node.target)] != 1:
                 left.append(f"{node.target} ({', '.join(sorted(u or 'other' for u in uses))})")
+                continue
+            if step.exclude and layer_overrides([str(node.target)], dict.fromkeys(step.exclude, 0.0)):
+                left.append(f"{node.target} (excluded by the step)")
                 continue
             layers.append(_replace(gm, node, value, bits, step.group_size, symmetric))
         graph.lint()

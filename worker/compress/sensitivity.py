@@ -44,6 +44,9 @@ def emulate(name: str, weight: np.ndarray, axis: int, steps: list[Step]) -> np.n
         if step.op == "prune":
             w = w * _prune_mask(name, w, axis, step)
         elif step.op == "quantize":
+            excluded = getattr(step, "exclude", None)
+            if excluded and layer_overrides([name], dict.fromkeys(excluded, 0.0)):
+                continue
             w = _fake_quantize(w, axis, step)
     return w
 
