@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import io
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 import onnxruntime as ort
 
+from squeeze.loader import load_onnx
 from tests.e2e.conftest import Deployment
 from tests.support.models import digits_npz_bytes, digits_onnx_bytes
 from tests.support.service import wait_for, wait_job
@@ -40,7 +43,7 @@ def _wait_search(client: httpx.Client, search_id: str, timeout: float = 600) -> 
 
 
 def test_search_with_a_one_point_budget_beats_every_single_recipe_and_keeps_its_promise(
-    deployment: Deployment,
+    deployment: Deployment, tmp_path: Path
 ) -> None:
     client = deployment.client(deployment.new_key(f"search-{uuid.uuid4().hex[:6]}"))
     model = _upload(client, "/v1/models", digits_onnx_bytes(), "digits.onnx")
@@ -101,11 +104,13 @@ def test_search_with_a_one_point_budget_beats_every_single_recipe_and_keeps_its_
     job = client.get(f"/v1/jobs/{search_id}").json()
     art = next(a for a in job["artifacts"] if a["kind"] == "model")
     body = client.get(f"/v1/artifacts/{art['id']}/download").content
-    assert (
-        (hashlib.sha256(body).hexdigest() == art["sha256"] and len(body) == best["size_bytes"]) or art["format"] != "onnx"
-    )
-    if art["format"] == "onnx":
-        assert _accuracy_of_onnx(body) >= result["baseline"]["accuracy"] - 0.01
+    assert hashlib.sha256(body).hexdigest() == art["sha256"] and len(body) == best["size_bytes"]
+    if art["format"] == "squeeze":  # a pruned winner is stored sparsely: decode it as a user would
+        path = tmp_path / "best.sqz"
+        path.write_bytes(body)
+        body = load_onnx(path).SerializeToString()
+    assert art["format"] in ("onnx", "squeeze")
+    assert _accuracy_of_onnx(body) >= result["baseline"]["accuracy"] - 0.01
 
     # Progress was visible while it ran: the events stream has the trials counted.
     events = client.get(f"/v1/jobs/{search_id}/events").text
@@ -161,3 +166,30 @@ def test_search_refuses_what_cannot_be_searched(deployment: Deployment) -> None:
         json={"model_id": model["id"], "dataset_id": unlabelled["id"], "constraint": {}},
     )
     assert r.status_code == 422
+
+
+def test_a_spent_time_budget_stops_the_search_with_what_it_measured(deployment: Deployment) -> None:
+    client = deployment.client(deployment.new_key(f"search-{uuid.uuid4().hex[:6]}"))
+    model = _upload(client, "/v1/models", digits_onnx_bytes(), "digits.onnx")
+    dataset = _upload(client, "/v1/datasets", digits_npz_bytes(), "digits.npz")
+    r = client.post(
+        "/v1/searches",
+        json={
+            "model_id": model["id"],
+            "dataset_id": dataset["id"],
+            "constraint": {"max_accuracy_drop": 0.01},
+            "time_budget_s": 10,
+            # One worker, a few seconds a trial: the 10 s budget runs out with trials still queued.
+            "space": {"quantize": ["int8_dynamic", "int8_static", "fp16", "int8_weight_only"]},
+        },
+    )
+    assert r.status_code == 202, r.text
+    search = _wait_search(client, r.json()["job"]["id"], timeout=300)
+    assert search["job"]["status"] == "succeeded", search["job"]["error"]
+    statuses = [t["status"] for t in search["trials"] if t["job_id"]]
+    assert "cancelled" in statuses, statuses  # unfinished trials were stopped when the budget was spent
+    finished = [t for t in search["trials"] if t["status"] == "succeeded"]
+    started = dt.datetime.fromisoformat(search["job"]["started_at"])
+    assert (dt.datetime.fromisoformat(search["job"]["finished_at"]) - started).total_seconds() < 120
+    if finished:  # the result stands on what was measured before the budget ran out
+        assert search["result"]["best"] is not None or search["result"]["closest"] is not None
