@@ -183,8 +183,12 @@ def violation(spec: SearchSpec, metrics: dict[str, Any] | None) -> float | None:
     return round(c.min_cosine - result["cosine"], 9)
 
 
-def plan(spec: SearchSpec, fmt: str, trials: list[TrialView], *, out_of_time: bool) -> Decision:
-    """The next trials to start, those skipped, and whether the search is over."""
+def plan(spec: SearchSpec, fmt: str, trials: list[TrialView], *, out_of_time: bool, parallel: int = 1) -> Decision:
+    """The next trials to start, those skipped, and whether the search is over.
+
+    ``parallel``: worker slots free for the search. A line's open interval is then probed at that many levels at
+    once (a k-ary instead of a binary split), which shortens the sequential part of the search.
+    """
     by_key = {recipe_key(t.steps): t for t in trials}
     done = {k: t for k, t in by_key.items() if t.status in TERMINAL}
     pending = [t for t in by_key.values() if t.status not in TERMINAL and t.status != "skipped"]
@@ -211,7 +215,7 @@ def plan(spec: SearchSpec, fmt: str, trials: list[TrialView], *, out_of_time: bo
 
     if _pruning_can_help(fmt, spec):
         for q in [None, *quants]:
-            line_wanted, line_waiting = _line(spec, fmt, q, levels, by_key, best)
+            line_wanted, line_waiting = _line(spec, fmt, q, levels, by_key, best, parallel)
             wanted += line_wanted
             waiting = waiting or line_waiting
     for q in quants:
@@ -290,6 +294,12 @@ def _trial(recipe: Recipe, fmt: str, spec: SearchSpec, by_key: dict[str, TrialVi
     return by_key.get(recipe_key(steps)) if steps is not None else None
 
 
+def split_points(levels: list[float], k: int) -> list[float]:
+    """``k`` levels that cut ``levels`` into k + 1 near-equal parts (k = 1: the middle one, as bisection)."""
+    k = max(1, min(k, len(levels)))
+    return sorted({levels[(i * (len(levels) + 1)) // (k + 1) - 1] for i in range(1, k + 1)})
+
+
 def _bounds(
     spec: SearchSpec, fmt: str, q: str | None, levels: list[float], by_key: dict[str, TrialView]
 ) -> tuple[float, float | None, bool]:
@@ -313,6 +323,7 @@ def _line(
     levels: list[float],
     by_key: dict[str, TrialView],
     best: float | None,
+    parallel: int = 1,
 ) -> tuple[list[Recipe], bool]:
     """Bisection over the sparsity levels of one quantization line, then its refinements.
 
@@ -336,8 +347,9 @@ def _line(
         hi = hi_none if hi is None else min(hi, hi_none)
     between = [s for s in levels if s > lo and (hi is None or s < hi)]
     if between:
-        start = lo_none if q is not None and lo == 0.0 and lo_none in between else between[len(between) // 2]
-        return [Recipe(q, start)], False
+        if q is not None and lo == 0.0 and lo_none in between:
+            return [Recipe(q, lo_none)], False
+        return [Recipe(q, level) for level in split_points(between, parallel)], False
     out: list[Recipe] = []
     if hi is not None and lo > 0.0:
         # Refinements are tried on pruning alone first; a quantized line repeats only those that met the budget.

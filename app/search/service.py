@@ -34,6 +34,7 @@ from app.search import planner
 from app.search.schemas import SearchDetails, SearchResult, SearchSpec, TrialPublic
 from app.tables import Artifact, CompressionJob, DatasetUpload, ModelUpload, User, utcnow
 from app.webhooks import check_notify_url, queue_delivery
+from app.workers.service import list_workers
 
 log = logging.getLogger("squeeze.search")
 
@@ -110,7 +111,8 @@ def advance_search(session: Session, settings: Settings, search_id: str) -> list
     if out_of_time:
         _cancel_trials(session, search.id, "the search's time budget was spent")
         trials = _trial_views(session, search.id)
-    decision = planner.plan(spec, model.format, trials, out_of_time=out_of_time)
+    slots = sum(w.concurrency for w in list_workers(session) if search.queue in w.queues)
+    decision = planner.plan(spec, model.format, trials, out_of_time=out_of_time, parallel=max(1, slots))
     session.commit()  # the search's own state first: each trial below commits on its own
     to_enqueue: list[tuple[str, str]] = []
     probe = planner.probe_recipe(planner.sparsity_levels(spec))

@@ -45,12 +45,15 @@ def outcome(steps: list[dict[str, Any]], *, int4_loss: float = 0.004) -> dict[st
     }  # fmt: skip
 
 
-def run(spec: SearchSpec, fmt: str = "onnx", **kwargs: Any) -> tuple[list[planner.TrialView], Any]:
+def run(
+    spec: SearchSpec, fmt: str = "onnx", parallel: int = 1, **kwargs: Any
+) -> tuple[list[planner.TrialView], Any, int]:
+    """Plan, run what it starts (all at once), repeat; returns the trials, the summary and the rounds it took."""
     trials: list[planner.TrialView] = []
-    for _ in range(100):
-        decision = planner.plan(spec, fmt, trials, out_of_time=False)
+    for rounds in range(100):
+        decision = planner.plan(spec, fmt, trials, out_of_time=False, parallel=parallel)
         if decision.finished:
-            return trials, summarize(spec, trials, decision.skipped)
+            return trials, summarize(spec, trials, decision.skipped), rounds
         assert decision.start, "not finished, yet nothing to start and nothing running"
         for i, (_recipe, steps) in enumerate(decision.start):
             trials.append(planner.TrialView(f"job_{len(trials)}_{i}", planner.normalized(steps), "succeeded",
@@ -76,7 +79,7 @@ def test_finds_the_grid_optimum_with_fewer_trials_and_keeps_the_budget() -> None
     spec = SearchSpec.model_validate(
         {"model_id": "m", "dataset_id": "d", "constraint": {"max_accuracy_drop": 0.01}, "max_trials": 40}
     )
-    trials, result = run(spec)
+    trials, result, _ = run(spec)
     grid = len(QUANT) * (1 + len(planner.DEFAULT_SPARSITY)) - 1
     assert len(trials) < grid / 2, (len(trials), grid)
     assert result.best is not None and result.best.meets_constraint
@@ -90,7 +93,7 @@ def test_an_impossible_budget_gives_the_closest_miss_and_by_how_much() -> None:
         {"model_id": "m", "dataset_id": "d", "constraint": {"min_cosine": 1.0},
          "space": {"quantize": ["int8_static", "int4_weight_only"]}}
     )  # fmt: skip
-    trials, result = run(spec)
+    trials, result, _ = run(spec)
     assert result.best is None and result.closest is not None
     assert result.closest.cosine == max(t.metrics["result"]["cosine"] for t in trials)
     assert "No trial met min_cosine 1" in result.statement and "missed it by" in result.statement
@@ -101,7 +104,7 @@ def test_a_quantization_that_misses_alone_is_retried_with_its_most_sensitive_lay
         {"model_id": "m", "dataset_id": "d", "constraint": {"max_accuracy_drop": 0.003},
          "space": {"quantize": ["int4_weight_only"], "sparsity": [0.5]}}
     )  # fmt: skip
-    trials, result = run(spec, int4_loss=0.004)  # int4 alone loses 0.4 points: over the budget
+    trials, result, _ = run(spec, int4_loss=0.004)  # int4 alone loses 0.4 points: over the budget
     mixed = [t for t in trials if planner.recipe_of(t.steps).exclude]
     assert mixed and planner.recipe_of(mixed[0].steps).exclude == ("fc1.weight",)  # the most sensitive layer
     assert result.best is not None and result.best.meets_constraint
@@ -129,3 +132,14 @@ def test_a_trial_that_cannot_beat_the_best_is_skipped_with_its_reason() -> None:
     assert [(r.quantize, r.sparsity) for r, _ in decision.skipped] == [("fp16", 0.5)]
     assert "cannot beat the best so far (12500 >= 10000)" in decision.skipped[0][1]
     assert not decision.start and decision.finished
+
+
+def test_more_workers_shorten_the_sequential_part_and_find_the_same_best() -> None:
+    spec = SearchSpec.model_validate(
+        {"model_id": "m", "dataset_id": "d", "constraint": {"max_accuracy_drop": 0.01}, "max_trials": 40}
+    )
+    _, one, rounds_one = run(spec, parallel=1)
+    _, three, rounds_three = run(spec, parallel=3)
+    assert three.best is not None and one.best is not None
+    assert three.best.size_bytes == one.best.size_bytes
+    assert rounds_three < rounds_one, (rounds_three, rounds_one)
