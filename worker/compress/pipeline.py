@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,9 +42,15 @@ def measure(
     data: EvalData | None,
     options: EvalOptions,
     reference: list[np.ndarray] | None,
+    kernels: bool = False,
 ) -> tuple[ModelMetrics, list[np.ndarray] | None]:
-    """Metrics of the model at ``path``; returns its outputs on ``data`` too (the baseline's become the reference)."""
-    runner = backend.open_runner(path, device)
+    """Metrics of the model at ``path``; returns its outputs on ``data`` too (the baseline's become the reference).
+
+    ``kernels``: on CUDA, let the backend run the model with its faster kernel layouts where it has them
+    (``open_kernel_runner``: .pt2's 2:4 sparse and torchao weight-only kernels); ``metrics.kernels`` says which.
+    """
+    open_kernel_runner = getattr(backend, "open_kernel_runner", None) if kernels and device == "cuda" else None
+    runner = open_kernel_runner(path, device) if open_kernel_runner else backend.open_runner(path, device)
     total, nonzero = backend.count_parameters(path)
     outputs = None
     metrics = ModelMetrics(
@@ -53,6 +60,7 @@ def measure(
         sparsity=round(1.0 - nonzero / total, 6) if total else 0.0,
         device=device,
         runtime=runner.runtime,
+        kernels=getattr(runner, "kernels", None),
     )
     layer_table = getattr(backend, "layers", None)
     if layer_table is not None:
@@ -156,8 +164,10 @@ def run_pipeline(
         current = dst
 
     progress(stage / total_stages, "evaluate")
-    result, _ = measure(backend, current, device, data, options, reference)
+    result, _ = measure(backend, current, device, data, options, reference, kernels=True)
     notes += [n for r in reports for n in r.notes]
+    if result.kernels is not None and (note := _kernels_note(result.kernels)):
+        notes.append(note)
     if result.sparsity > 0.01 and result.size_bytes >= baseline.size_bytes * (1.0 - result.sparsity / 2):
         notes.append(
             f"The artifact stores pruned weights densely: {result.sparsity:.1%} of the parameters are zero but "
@@ -169,6 +179,20 @@ def run_pipeline(
     _move_model(current, final, backend)
     progress(1.0, "done")
     return PipelineResult(final, backend.name, baseline, result, reports, notes)
+
+
+def _kernels_note(kernels: dict[str, Any]) -> str | None:
+    """What the result's CUDA measurement ran on and how to get the same speed; None if nothing applied."""
+    if kernels["used"]:
+        return (
+            f"Measured on CUDA with faster Linear kernels ({kernels['semi_structured_2_4']} 2:4 sparse, "
+            f"{kernels['torchao_int4']} torchao int4, {kernels['torchao_int8']} torchao int8; output check cosine "
+            f"{kernels['check_cosine']}). The artifact stores portable dense weights or codes: to run at this speed, "
+            "load it with torch.export.load and give its Linear weights the same layouts (torch.sparse."
+            "to_sparse_semi_structured for 2:4 weights in float16/bfloat16; torchao tensors for int4/int8)."
+        )
+    reasons = kernels["fallback"] or "; ".join(f"{k}: {v}" for k, v in list(kernels["skipped"].items())[:3])
+    return f"Measured on CUDA with the plain kernels: {reasons}." if reasons else None
 
 
 def _produces(fmt: str, step: Step) -> str:

@@ -270,9 +270,13 @@ class _InputBinder:
 
 
 class Pt2Runner:
-    """Eager execution of ``ExportedProgram.module()`` under ``torch.inference_mode``."""
+    """Eager execution of ``ExportedProgram.module()`` under ``torch.inference_mode``.
 
-    def __init__(self, ep: ExportedProgram, device: str) -> None:
+    ``kernels`` (CUDA only; ignored on the CPU): swap Linear weights for faster CUDA layouts where they apply
+    (2:4 sparse, torchao int8/int4 weight-only; see ``pt2_kernels``); ``self.kernels`` reports what was used.
+    """
+
+    def __init__(self, ep: ExportedProgram, device: str, kernels: bool = False) -> None:
         if device == "cuda":
             from torch.export.passes import move_to_device_pass
 
@@ -282,13 +286,37 @@ class Pt2Runner:
         self.fixed_batch = _fixed_batch(ep)
         self.input_names = [s.name for s in _tensor_inputs(ep)]
         self._binder = _InputBinder(ep)
-        self._module = ep.module()
+        self.kernels: dict[str, Any] | None = None
+        if kernels and device == "cuda":
+            from worker.compress.pt2_kernels import with_cuda_kernels
+
+            probe_args = self._binder.pack([t.to(device) for t in _random_tensors(ep, self.fixed_batch or 8, seed=1)])
+            self._module, report = with_cuda_kernels(
+                ep.module, lambda m: _tensor_leaves(m(*probe_args[0], **probe_args[1]))
+            )
+            self.kernels = report.as_dict()
+            if report.used:
+                self.runtime = self.runtime[:-1] + f"; {report.describe()})"
+        else:
+            self._module = ep.module()
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         args, kwargs = self._binder.bind(inputs, self.device)
         with torch.inference_mode():
             out = self._module(*args, **kwargs)
         return [_numpy(t) for t in pytree.tree_leaves(out)]
+
+    def time_calls(self, inputs: dict[str, np.ndarray], warmup: int, runs: int) -> list[float]:
+        """Milliseconds per call with the inputs already on the device, timed with CUDA events on a GPU."""
+        from worker.compress.evaluate import device_call_times
+
+        args, kwargs = self._binder.bind(inputs, self.device)
+        with torch.inference_mode():
+            return device_call_times(lambda: self._module(*args, **kwargs), self.device, warmup, runs)
+
+
+def _tensor_leaves(out: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
 @contextlib.contextmanager
@@ -620,14 +648,18 @@ class Pt2Backend:
     name = "pt2"
     suffix = ".pt2"
 
-    def open_runner(self, path: Path, device: str) -> Pt2Runner:
+    def open_runner(self, path: Path, device: str, kernels: bool = False) -> Pt2Runner:
         if device == "cuda" and not torch.cuda.is_available():
             raise CompressionError("device_unavailable", "CUDA was requested but this worker has no usable GPU")
         if device not in ("cpu", "cuda"):
             raise CompressionError("device_unavailable", f"unknown device {device!r}")
         ep = _load(path)
         with _torch_errors("invalid_model", "preparing the program for execution"):
-            return Pt2Runner(ep, device)
+            return Pt2Runner(ep, device, kernels)
+
+    def open_kernel_runner(self, path: Path, device: str) -> Pt2Runner:
+        """``open_runner`` with the CUDA kernel swaps (``pt2_kernels``) on a GPU; the same as it on the CPU."""
+        return self.open_runner(path, device, kernels=True)
 
     def stored_size(self, path: Path) -> int:
         return path.stat().st_size

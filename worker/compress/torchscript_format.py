@@ -178,6 +178,14 @@ class TorchScriptRunner:
             out = self._module(*args)
         return [_numpy(t) for t in _flatten(out)]
 
+    def time_calls(self, inputs: dict[str, np.ndarray], warmup: int, runs: int) -> list[float]:
+        """Milliseconds per call with the inputs already on the device, timed with CUDA events on a GPU."""
+        from worker.compress.evaluate import device_call_times
+
+        args = self.tensors(inputs)
+        with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr):
+            return device_call_times(lambda: self._module(*args), self.device, warmup, runs)
+
 
 def _array(inputs: dict[str, np.ndarray], name: str, names: list[str]) -> np.ndarray:
     if name in inputs:

@@ -90,6 +90,7 @@ class ModelMetrics:
     latency_ms: dict[str, float] | None = None  # {"p50", "p95", "batch_size"}
     samples: int | None = None
     layers: list[dict[str, Any]] | None = None  # per weight tensor: name, op, shape, parameters, sparsity, bits, bytes
+    kernels: dict[str, Any] | None = None  # a CUDA result's kernel swaps (pt2_kernels.KernelReport.as_dict())
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
