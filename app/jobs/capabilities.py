@@ -83,13 +83,15 @@ _ONNX_PRUNE = {
 
 _PT2_QUANT = {
     "int8_dynamic": {
-        "description": "torchao PT2E dynamic quantization (X86InductorQuantizer), int8 weights.",
+        "description": "torchao PT2E dynamic quantization (X86InductorQuantizer), int8 weights. CPU only: the "
+        "quantizer targets x86 kernels.",
         "needs_dataset": False,
         "needs_labels": False,
         "devices": ["cpu"],
     },
     "int8_static": {
-        "description": "torchao PT2E static quantization (X86InductorQuantizer), calibrated on the dataset.",
+        "description": "torchao PT2E static quantization (X86InductorQuantizer), calibrated on the dataset. CPU "
+        "only: the quantizer targets x86 kernels.",
         "needs_dataset": True,
         "needs_labels": False,
         "devices": ["cpu"],
@@ -146,7 +148,14 @@ _CONVERT_ONNX = {
 }
 
 _PT2_PRUNE = {
-    **_PRUNE,
+    "magnitude": {
+        **_PRUNE["magnitude"],
+        "description": (
+            "Magnitude pruning: unstructured to an exact sparsity (global or per layer), or N:M such as 2:4. On CUDA "
+            "(compute capability 8.0+) the result's 2:4 Linear weights in float16/bfloat16 (add quantize/fp16 after "
+            "the prune) are measured with torch's semi-structured sparse kernels; the report's kernels say so."
+        ),
+    },
     "gradient": {
         "description": (
             "First-order Taylor saliency |w * dL/dw| accumulated over `samples` of the dataset (labels; without "
@@ -154,7 +163,7 @@ _PT2_PRUNE = {
         ),
         "needs_dataset": True,
         "needs_labels": False,
-        "devices": ["cpu"],
+        "devices": ["cpu", "cuda"],
         "stored_size": "unchanged: zeros are stored densely (the report says so)",
     },
     "regularized": {
@@ -165,7 +174,7 @@ _PT2_PRUNE = {
         ),
         "needs_dataset": True,
         "needs_labels": False,
-        "devices": ["cpu"],
+        "devices": ["cpu", "cuda"],
         "stored_size": "unchanged: zeros are stored densely (the report says so)",
     },
 }
@@ -179,7 +188,7 @@ _PT2_FINETUNE = {
         ),
         "needs_dataset": True,
         "needs_labels": False,
-        "devices": ["cpu"],
+        "devices": ["cpu", "cuda"],
     },
     "labels": {
         "description": (
@@ -188,7 +197,7 @@ _PT2_FINETUNE = {
         ),
         "needs_dataset": True,
         "needs_labels": True,
-        "devices": ["cpu"],
+        "devices": ["cpu", "cuda"],
     },
 }
 
@@ -196,26 +205,29 @@ _PT2_WEIGHT_ONLY = {
     "int8_weight_only": {
         "description": (
             "Linear weights (and embedding tables with include) as int8 codes with float16 scales per row or per "
-            "group, decoded in the graph; loads with torch.export.load alone. ~4x smaller weights, not faster."
+            "group, decoded in the graph; loads with torch.export.load alone. ~4x smaller weights, not faster. On "
+            "CUDA the result is measured with torchao's Int8Tensor built from the same codes (per-row scales)."
         ),
         "needs_dataset": False,
         "needs_labels": False,
-        "devices": ["cpu"],
+        "devices": ["cpu", "cuda"],
     },
     "int4_weight_only": {
         "description": (
             "Linear weights (and embedding tables with include) as int4 codes packed two per byte with float16 "
-            "scales per group, decoded in the graph; loads with torch.export.load alone. ~7-8x smaller weights."
+            "scales per group, decoded in the graph; loads with torch.export.load alone. ~7-8x smaller weights. On "
+            "CUDA (compute capability 8.0+, groups of 32-256) the result is measured with torchao's tinygemm int4 "
+            "kernel built from the same codes (bfloat16 activations inside)."
         ),
         "needs_dataset": False,
         "needs_labels": False,
-        "devices": ["cpu"],
+        "devices": ["cpu", "cuda"],
     },
     "bf16": {
         "description": "Bfloat16 parameters and compute; float32 inputs and outputs kept.",
         "needs_dataset": False,
         "needs_labels": False,
-        "devices": ["cpu"],
+        "devices": ["cpu", "cuda"],
     },
 }
 

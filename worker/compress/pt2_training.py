@@ -12,12 +12,14 @@ teacher: a 2-D primary (first) output counts as logits (the project's convention
 ``agreement``) and gets Hinton's KL(teacher || student) on softmax(x / T), times T^2; every other float output
 (embeddings, hidden states) gets MSE.
 
-Work is bounded: at most ``MAX_TRAIN_SAMPLES`` samples, the spec's epoch caps, CPU only, fixed seeds (results
-are reproducible on one machine).
+Work is bounded: at most ``MAX_TRAIN_SAMPLES`` samples, the spec's epoch caps, fixed seeds (results are
+reproducible on one machine). On a CUDA job the training runs on the GPU, on a copy of the program; the trained
+values are written back into the program, which is saved from the CPU as it came.
 """
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -62,16 +64,27 @@ class Program:
 
     ep: ExportedProgram
     data: EvalData
+    device: str = "cpu"
     module: torch.fx.GraphModule = field(init=False)
     fixed_batch: int | None = field(init=False)
 
     def __post_init__(self) -> None:
-        self.module = self.ep.module()
+        if self.device == "cuda":
+            # A copy moves to the GPU: the program itself stays on the CPU, where it is saved; write_back copies
+            # the trained values into it. (copy.deepcopy of an ExportedProgram breaks its input names.)
+            from torch.export.passes import move_to_device_pass
+
+            buffer = io.BytesIO()
+            torch.export.save(self.ep, buffer)
+            buffer.seek(0)
+            self.module = move_to_device_pass(torch.export.load(buffer), "cuda").module()
+        else:
+            self.module = self.ep.module()
         self.fixed_batch = _fixed_batch(self.ep)
         self._binder = _InputBinder(self.ep)
 
     def forward(self, idx: np.ndarray) -> list[torch.Tensor]:
-        args, kwargs = self._binder.bind({k: v[idx] for k, v in self.data.inputs.items()}, "cpu")
+        args, kwargs = self._binder.bind({k: v[idx] for k, v in self.data.inputs.items()}, self.device)
         return [t for t in pytree.tree_leaves(self.module(*args, **kwargs)) if isinstance(t, torch.Tensor)]
 
     def outputs(self, idx: np.ndarray) -> list[np.ndarray]:
@@ -85,7 +98,7 @@ class Program:
                 n = len(part)
                 if self.fixed_batch and n < self.fixed_batch:
                     part = np.concatenate([part, np.repeat(part[:1], self.fixed_batch - n)])
-                chunks.append([t.detach().float().numpy()[:n] for t in self.forward(part)])
+                chunks.append([t.detach().float().cpu().numpy()[:n] for t in self.forward(part)])
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
@@ -163,22 +176,24 @@ def targets_for(
 
 
 def _loss(outputs: list[torch.Tensor], idx: np.ndarray, targets: Targets, gen: torch.Generator) -> torch.Tensor:
+    device = outputs[0].device
     if targets.objective == "labels":
         assert targets.labels is not None
-        return F.cross_entropy(outputs[0].float(), torch.from_numpy(targets.labels[idx]).long())
+        return F.cross_entropy(outputs[0].float(), torch.from_numpy(targets.labels[idx]).long().to(device))
     assert targets.teacher is not None
     if targets.objective == "teacher_top1":
-        return F.cross_entropy(outputs[0].float(), torch.from_numpy(targets.teacher[0][idx].argmax(axis=1)))
+        top1 = torch.from_numpy(targets.teacher[0][idx].argmax(axis=1)).to(device)
+        return F.cross_entropy(outputs[0].float(), top1)
     if targets.objective == "output_sensitivity":
         # <f(x), r> with r ~ N(0, I): E_r[(w * dL/dw)^2] = ||w * df/dw||^2, the squared first-order change of the
         # output when w is zeroed. The distillation loss itself has zero gradient at the start (student = teacher).
         out = outputs[0].float()
-        return (out * torch.randn(out.shape, generator=gen)).sum() / len(idx)
-    total = torch.zeros(())
+        return (out * torch.randn(out.shape, generator=gen).to(device)).sum() / len(idx)
+    total = torch.zeros((), device=device)
     for i, (out, ref) in enumerate(zip(outputs, targets.teacher, strict=False)):
         if not out.is_floating_point() or tuple(out.shape[1:]) != ref.shape[1:]:
             continue
-        teacher = torch.from_numpy(np.ascontiguousarray(ref[idx])).float()
+        teacher = torch.from_numpy(np.ascontiguousarray(ref[idx])).float().to(device)
         if i == 0 and out.dim() == 2:
             # Hinton et al.: KL(teacher || student) on temperature-softened distributions, scaled by T^2.
             t = targets.temperature
@@ -230,7 +245,7 @@ def saliency(prog: Program, targets: Targets, weights: list[str], samples: int) 
                 score += (p.detach() * g).abs().float()
     for p in params.values():
         p.requires_grad_(True)
-    return {w: s.numpy() for w, s in zip(weights, scores, strict=True)}, n
+    return {w: s.cpu().numpy() for w, s in zip(weights, scores, strict=True)}, n
 
 
 @dataclass
@@ -336,10 +351,7 @@ def rounded(values: dict[str, float | None], suffix: str) -> dict[str, float | N
 def _job_data(ctx: StepContext, what: str) -> tuple[EvalData, list[str]]:
     if ctx.data is None:
         raise CompressionError("dataset_required", f"{what} trains on the job's dataset; the job has none")
-    notes = []
-    if ctx.device == "cuda":
-        notes.append(f"{what} ran on the CPU (training on the GPU is not implemented for .pt2 programs).")
-    return ctx.data, notes
+    return ctx.data, []
 
 
 def prune_gradient(src: Path, dst: Path, step: PruneGradient, ctx: StepContext) -> StepReport:
@@ -349,7 +361,7 @@ def prune_gradient(src: Path, dst: Path, step: PruneGradient, ctx: StepContext) 
     nodes, weights = _prunable_weights(ep)
     targets = targets_for("saliency", data, ctx.reference)
     with _torch_errors("training_failed", "accumulating gradient saliency"):
-        scores, used = saliency(Program(ep, data), targets, list(weights), step.samples)
+        scores, used = saliency(Program(ep, data, ctx.device), targets, list(weights), step.samples)
     masks = step_masks(
         scores,
         sparsity=step.sparsity,
@@ -380,7 +392,7 @@ def prune_regularized(src: Path, dst: Path, step: PruneRegularized, ctx: StepCon
     targets = targets_for("auto", data, ctx.reference, temperature=2.0)
     parts = split(data.num_samples)
     with _torch_errors("training_failed", "prune/regularized training"):
-        prog = Program(ep, data)
+        prog = Program(ep, data, ctx.device)
         before = quality(prog, parts.measure, ctx.reference)
         result = train(
             prog,
@@ -399,7 +411,7 @@ def prune_regularized(src: Path, dst: Path, step: PruneRegularized, ctx: StepCon
         scope=step.scope,
     )
     layers, zeros, total = _write_masked(ep, weights, masks, dst)
-    after = quality(Program(_load(dst), data), parts.measure, ctx.reference)
+    after = quality(Program(_load(dst), data, ctx.device), parts.measure, ctx.reference)
     details = {
         "requested": step.sparsity,
         "achieved": round(zeros / total, 6),
@@ -432,13 +444,13 @@ def finetune(src: Path, dst: Path, step: Finetune, ctx: StepContext) -> StepRepo
     targets = targets_for(step.method, data, ctx.reference, step.temperature)
     parts = split(data.num_samples)
     with _torch_errors("training_failed", f"finetune/{step.method}"):
-        prog = Program(ep, data)
+        prog = Program(ep, data, ctx.device)
         zeros_before, total = sparsity(prog)
         before = quality(prog, parts.measure, ctx.reference)
         result = train(prog, targets, parts.train, epochs=step.epochs, lr=step.lr, batch_size=step.batch_size)
         _save(ep, dst)
     _check_runs(dst)
-    tuned = Program(_load(dst), data)
+    tuned = Program(_load(dst), data, ctx.device)
     zeros_after, _ = sparsity(tuned)
     after = quality(tuned, parts.measure, ctx.reference)
     if zeros_after != zeros_before:  # masks make this impossible; a broken invariant must not pass silently
