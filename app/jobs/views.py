@@ -1,7 +1,7 @@
 """The public view of a job (``JobPublic``): from ORM rows after a write, or read in one statement for a poll.
 
-``GET /v1/jobs/{id}`` is the route clients poll. Loading the job through the ORM (a session, BEGIN, the job, its
-artifacts and its webhook deliveries by ``selectin``, ROLLBACK) cost about 1 ms of CPU per request and five round
+``GET /v1/jobs/{id}`` is the route clients poll. Loading the job through the ORM (a session, a ping, BEGIN, the job,
+its artifacts and its webhook deliveries by ``selectin``, ROLLBACK) cost 1-2 ms of CPU per request and six round
 trips; :func:`read_job_view` sends one SELECT on an autocommit connection and builds the same ``JobPublic``.
 Both paths fill the job's fields through :func:`job_public`, by name, so the two cannot drift apart.
 """
