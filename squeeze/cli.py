@@ -583,7 +583,9 @@ def download(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="File or folder (default: the artifact's file name).")
     ] = None,
-    kind: Annotated[str, typer.Option(help="For a job id: which artifact, model or report.")] = "model",
+    kind: Annotated[
+        str, typer.Option(help="For a job id: which artifact: model, report (JSON) or report_markdown.")
+    ] = "model",
 ) -> None:
     """Download an artifact with a progress bar: resumes a partial `.part` file, verifies the sha256."""
     with _client() as client:

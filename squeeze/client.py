@@ -200,7 +200,7 @@ class Job(JobPublic):
         return self
 
     def artifact(self, kind: str = "model") -> ArtifactPublic | None:
-        """The job's artifact of this kind (``model`` or ``report``), if it has one."""
+        """The job's artifact of this kind (``model``, ``report`` (JSON) or ``report_markdown``), if it has one."""
         return next((a for a in self.artifacts if a.kind == kind), None)
 
     def download(self, dest: str | Path, progress: ProgressCallback | None = None, *, kind: str = "model") -> Path:

@@ -32,7 +32,7 @@ EXAMPLE = {
 }
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=errors(400, 404, 422, 429))
+@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=errors(400, 404, 409, 422, 429))
 def submit_job(
     spec: Annotated[JobSpec, Body(examples=[EXAMPLE])],
     session: SessionDep,

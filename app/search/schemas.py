@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from app.jobs.schemas import JOB_EXAMPLE, JobPublic
 
@@ -65,25 +65,40 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SearchConstraint(_Strict):
-    """Exactly one bound: the accuracy a user may give up (needs labels), or the fidelity the result must keep."""
+class MaxAccuracyDrop(_Strict):
+    """The accuracy a user may give up (needs labels)."""
 
-    max_accuracy_drop: float | None = Field(
-        None, ge=0.0, le=1.0, description="Baseline top-1 accuracy minus the result's, at most this (0.01 = 1 point)."
+    max_accuracy_drop: float = Field(
+        ge=0.0, le=1.0, description="Baseline top-1 accuracy minus the result's, at most this (0.01 = 1 point)."
     )
-    min_cosine: float | None = Field(
-        None, ge=-1.0, le=1.0, description="Mean cosine similarity of the result's outputs with the original's."
-    )
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> SearchConstraint:
-        if (self.max_accuracy_drop is None) == (self.min_cosine is None):
-            raise ValueError("give exactly one of max_accuracy_drop or min_cosine")
-        return self
 
     @property
-    def metric(self) -> Literal["accuracy", "cosine"]:
-        return "accuracy" if self.max_accuracy_drop is not None else "cosine"
+    def min_cosine(self) -> None:
+        return None
+
+    @property
+    def metric(self) -> Literal["accuracy"]:
+        return "accuracy"
+
+
+class MinCosine(_Strict):
+    """The fidelity the result must keep."""
+
+    min_cosine: float = Field(
+        ge=-1.0, le=1.0, description="Mean cosine similarity of the result's outputs with the original's."
+    )
+
+    @property
+    def max_accuracy_drop(self) -> None:
+        return None
+
+    @property
+    def metric(self) -> Literal["cosine"]:
+        return "cosine"
+
+
+# Exactly one bound: each form forbids the other's key, so the schema itself says so.
+SearchConstraint = MaxAccuracyDrop | MinCosine
 
 
 class SearchSpace(_Strict):

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from app.errors import InvalidSpec
+from app.errors import Conflict
 from app.tables import WorkerNode, as_utc, utcnow
 
 # Dead workers stay listed (``?all=true``) this long after their last heartbeat; older rows are dropped.
@@ -104,10 +104,13 @@ def live_devices(session: Session) -> dict[str, int]:
 
 
 def require_device(session: Session, device: str) -> None:
-    """Refuse a job asking for a device no live worker offers (422 ``device_unavailable``)."""
+    """Refuse a job asking for a device no live worker offers (409 ``device_unavailable``).
+
+    409, not 422: the spec is valid; the deployment cannot serve it right now (it can once a GPU worker starts).
+    """
     live = live_devices(session)
     if device not in live:
-        raise InvalidSpec(
+        raise Conflict(
             f"no live worker offers {device}: use device 'cpu' or 'auto', or start a worker with "
             "`squeeze worker --queues gpu` on a GPU machine (GET /v1/workers lists the live ones)",
             code="device_unavailable",

@@ -140,11 +140,11 @@ def test_retention_expires_old_artifacts_and_frees_their_blobs(client, alice, tm
     _set_finished(old["id"], 40)
 
     assert _squeeze("admin", "retention", "--older-than-days", "30", "--dry-run").startswith(
-        "retention: would delete 2 artifacts"
+        "retention: would delete 3 artifacts"  # the model, the JSON report and the Markdown report
     )
-    assert len(client.get(f"/v1/jobs/{old['id']}").json()["artifacts"]) == 2
+    assert len(client.get(f"/v1/jobs/{old['id']}").json()["artifacts"]) == 3
     out = _squeeze("admin", "retention", "--older-than-days", "30")
-    assert out.startswith("retention: deleted 2 artifacts") and " of 1 jobs " in out
+    assert out.startswith("retention: deleted 3 artifacts") and " of 1 jobs " in out
     assert out.endswith("; 0 blobs (0 bytes) freed")  # the cached job still uses them
     expired = client.get(f"/v1/jobs/{old['id']}").json()
     assert expired["artifacts"] == [] and expired["artifacts_expired_at"] is not None
@@ -155,7 +155,7 @@ def test_retention_expires_old_artifacts_and_frees_their_blobs(client, alice, tm
 
     _set_finished(shared["id"], 31)
     out = _squeeze("admin", "retention", "--older-than-days", "30")
-    assert out.startswith("retention: deleted 2 artifacts") and "; 2 blobs" in out
+    assert out.startswith("retention: deleted 3 artifacts") and "; 3 blobs" in out
     assert not any(store.exists(sha) or _blob_row(sha) for sha in shas)
     assert _squeeze("admin", "retention", "--older-than-days", "30").startswith("retention: deleted 0 artifacts")
     # Models (and datasets) are never touched; an identical job now runs again instead of reusing deleted files.

@@ -70,7 +70,7 @@ def test_unknown_top_level_field_and_bad_device(client, alice, uploaded) -> None
     r = client.post("/v1/jobs", headers=alice, json={**uploaded, "device": "tpu"})
     assert r.status_code == 422
     r = client.post("/v1/jobs", headers=alice, json={**uploaded, "device": "cuda"})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "device_unavailable"
+    assert r.status_code == 409 and r.json()["error"]["code"] == "device_unavailable"
 
 
 def test_static_quantization_needs_a_dataset(client, alice, uploaded) -> None:

@@ -85,7 +85,7 @@ def test_cuda_jobs_need_a_live_worker_offering_cuda(client, alice, registry) -> 
     model = client.post("/v1/models", headers=alice, files={"file": ("m.onnx", digits_onnx_bytes())}).json()
     spec = {"model_id": model["id"], "steps": PRUNE, "device": "cuda"}
     r = client.post("/v1/jobs", headers=alice, json=spec)
-    assert r.status_code == 422 and r.json()["error"]["code"] == "device_unavailable", r.text
+    assert r.status_code == 409 and r.json()["error"]["code"] == "device_unavailable", r.text
     assert r.json()["error"]["details"] == {"device": "cuda", "live_devices": []}
     # cpu and auto jobs wait for a worker: none is needed at submission.
     for device in ("cpu", "auto"):
@@ -119,7 +119,7 @@ def test_cuda_jobs_need_a_live_worker_offering_cuda(client, alice, registry) -> 
     with session_scope() as s:
         mark_stopped(s, worker_id=gpu.id)
     r = client.post("/v1/jobs", headers=alice, json=spec)
-    assert r.status_code == 422 and r.json()["error"]["code"] == "device_unavailable"
+    assert r.status_code == 409 and r.json()["error"]["code"] == "device_unavailable"
 
 
 def test_a_gpu_worker_registers_its_gpus_from_nvidia_smi(client, alice, registry, tmp_path) -> None:

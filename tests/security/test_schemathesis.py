@@ -54,9 +54,10 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403",
 
 # Uploads are inspected: "format: binary" cannot say "an ONNX model" or "an .npz of arrays", so made-up bytes
 # are answered 422 invalid_model / invalid_dataset. Whether a spec fits its model (format, inputs, dataset) is
-# checked against the uploaded files: 422 invalid_spec-style codes, also for a reused Idempotency-Key.
+# checked against the uploaded files: 422 invalid_spec-style codes, also for a reused Idempotency-Key. A search
+# is checked the same way (labels for an accuracy budget, methods the format offers, allowed notify_url).
 [[operations]]
-include-name = ["POST /v1/models", "POST /v1/datasets", "POST /v1/jobs"]
+include-name = ["POST /v1/models", "POST /v1/datasets", "POST /v1/jobs", "POST /v1/searches"]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
 """
 
