@@ -91,10 +91,11 @@ class Settings(BaseSettings):
     quota_storage_bytes: int = Field(0, ge=0, description="Bytes each user may keep stored; 0: unlimited.")
     quota_concurrent_jobs: int = Field(16, ge=0, description="Jobs each user may have queued or running; 0: no limit.")
     allowed_formats: list[str] = Field(
-        ["onnx", "pt2", "torchscript"],
+        ["onnx", "pt2", "torchscript", "hf"],
         description="Model formats accepted for upload. Drop 'pt2' and 'torchscript' where users are not trusted: "
         "PyTorch allows torch.export programs to carry code, and TorchScript archives are code run by the "
-        "TorchScript interpreter (Squeeze refuses what it can recognise, and runs jobs confined).",
+        "TorchScript interpreter (Squeeze refuses what it can recognise, and runs jobs confined). 'hf' folders "
+        "are loaded with trust_remote_code=False from safetensors only.",
     )
     webhook_secret: SecretStr = Field(
         SecretStr(""), description="HMAC key that signs webhook calls; webhooks are off while it is empty."

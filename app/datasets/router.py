@@ -18,12 +18,15 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
 def to_public(d: DatasetUpload) -> DatasetPublic:
+    text = d.arrays.get("text", {}).get("dtype") == "text"
     return DatasetPublic(
         id=d.id,
         name=d.name,
+        format="jsonl" if text else "npz",
         num_samples=d.num_samples,
         arrays=d.arrays,
         has_labels=d.has_labels,
+        label_values=d.arrays.get("labels", {}).get("values") if text else None,
         sha256=d.sha256,
         size_bytes=d.size_bytes,
         created_at=d.created_at,

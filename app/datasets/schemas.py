@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 DATASET_EXAMPLE: dict[str, Any] = {
     "id": "dst_5f0c2a61d3b74e0e9a4c8e2b7d1f3a90",
     "name": "digits.npz",
+    "format": "npz",
     "num_samples": 397,
     "arrays": {"input": {"shape": [397, 1, 8, 8], "dtype": "float32"}, "labels": {"shape": [397], "dtype": "int64"}},
     "has_labels": True,
@@ -19,7 +20,7 @@ DATASET_EXAMPLE: dict[str, Any] = {
 
 class ArrayInfo(BaseModel):
     shape: list[int]
-    dtype: str
+    dtype: str = Field(description='numpy dtype name; "text" for the strings of a JSONL dataset.')
 
 
 class DatasetPublic(BaseModel):
@@ -27,9 +28,17 @@ class DatasetPublic(BaseModel):
 
     id: str
     name: str
+    format: Literal["npz", "jsonl"] = Field(
+        "npz", description="npz: one array per model input; jsonl: texts tokenized by the model's tokenizer."
+    )
     num_samples: int
-    arrays: dict[str, ArrayInfo]
+    arrays: dict[str, ArrayInfo] = Field(
+        description='npz: the arrays; jsonl: "text" (and "text_pair") with dtype "text", and "labels".'
+    )
     has_labels: bool
+    label_values: list[int] | list[str] | None = Field(
+        None, description="jsonl only: the distinct labels (class indices or names), sorted; None past 1000."
+    )
     sha256: str
     size_bytes: int
     created_at: datetime

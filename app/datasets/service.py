@@ -1,4 +1,4 @@
-"""Uploaded calibration/evaluation data: ``.npz`` files read without pickle."""
+"""Uploaded calibration/evaluation data: ``.npz`` files read without pickle, or JSONL text for Hugging Face models."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from app.uploads import store_upload
 def _inspect(path: Path) -> dict[str, Any]:
     from app.inspection import inspect_dataset
 
-    return inspect_dataset(path).model_dump(mode="json")
+    return inspect_dataset(path).model_dump(mode="json", exclude_none=True)
 
 
 async def upload_dataset(

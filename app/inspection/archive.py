@@ -1,7 +1,9 @@
-"""ZIP archives from uploads: every member checked before a byte is written, then extracted under one folder.
+"""ZIP and tar archives from uploads: every member checked before a byte is written, then extracted under one folder.
 
-Used by the API (ONNX + external data, .pt2 and .npz are all ZIPs) and by the worker, which unpacks zipped ONNX
-models with :func:`safe_extract_zip` before loading them.
+Used by the API (ONNX + external data, .pt2 and .npz are all ZIPs; a Hugging Face model folder may come as a ZIP or
+a plain tar) and by the worker, which unpacks zipped ONNX models and model folders with :func:`safe_extract_zip` /
+:func:`safe_extract_archive` before loading them. Both formats go through the same name rules
+(:func:`normalize_member_name`), the same duplicate and nesting checks and the same extraction loop.
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import lzma
 import os
 import shutil
 import stat
+import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from app.errors import InvalidUpload
 
@@ -157,7 +161,7 @@ def check_zip_members(
             details={"members": len(infos), "max_members": max_members},
         )
     members: list[ZipMember] = []
-    seen: dict[str, str] = {}
+    names = _MemberNames()
     total = 0
     for info in infos:
         raw = info.orig_filename
@@ -178,34 +182,52 @@ def check_zip_members(
         is_dir = raw.endswith("/") or stat.S_IFMT(mode) == stat.S_IFDIR
         if is_dir and info.file_size:
             raise _unsafe("A directory entry in the archive carries data.", raw, "directory_with_data")
-        key = name.casefold()
-        if key in seen:
-            raise _unsafe(
-                "The archive contains two members with the same name (after normalisation).", raw, "duplicate"
-            )
-        seen[key] = "dir" if is_dir else "file"
+        names.add(name, raw, is_dir)
         total += info.file_size
         if total > max_total_bytes:
-            raise InvalidUpload(
-                f"The archive expands to more than {max_total_bytes} bytes.",
-                code="archive_too_large",
-                details={"max_total_bytes": max_total_bytes},
-            )
+            raise _too_large(max_total_bytes)
         if info.file_size > RATIO_CHECK_MIN_BYTES and info.file_size > max_ratio * max(info.compress_size, 1):
             raise _unsafe(
                 f"An archive member is compressed more than {max_ratio:g}x (a zip bomb?).", raw, "compression_ratio"
             )
         members.append(ZipMember(info=info, name=name, is_dir=is_dir))
 
-    # A name used both as a file and as a folder ("a" and "a/b") cannot be extracted faithfully.
-    for m in members:
-        parts = m.name.casefold().split("/")
-        for i in range(1, len(parts)):
-            if seen.get("/".join(parts[:i])) == "file":
-                raise _unsafe("An archive member is nested under another member that is a file.", m.name, "conflict")
-
+    names.check_nesting()
     _check_no_overlap(zf, infos)
     return members
+
+
+def _too_large(max_total_bytes: int) -> InvalidUpload:
+    return InvalidUpload(
+        f"The archive expands to more than {max_total_bytes} bytes.",
+        code="archive_too_large",
+        details={"max_total_bytes": max_total_bytes},
+    )
+
+
+class _MemberNames:
+    """Normalised member names seen so far: duplicates (case-insensitively) and files used as folders are refused."""
+
+    def __init__(self) -> None:
+        self.kinds: dict[str, str] = {}  # casefolded name -> "dir" | "file"
+        self.names: list[str] = []
+
+    def add(self, name: str, raw: str, is_dir: bool) -> None:
+        key = name.casefold()
+        if key in self.kinds:
+            raise _unsafe(
+                "The archive contains two members with the same name (after normalisation).", raw, "duplicate"
+            )
+        self.kinds[key] = "dir" if is_dir else "file"
+        self.names.append(name)
+
+    def check_nesting(self) -> None:
+        # A name used both as a file and as a folder ("a" and "a/b") cannot be extracted faithfully.
+        for name in self.names:
+            parts = name.casefold().split("/")
+            for i in range(1, len(parts)):
+                if self.kinds.get("/".join(parts[:i])) == "file":
+                    raise _unsafe("An archive member is nested under another member that is a file.", name, "conflict")
 
 
 def _check_no_overlap(zf: zipfile.ZipFile, infos: Iterable[zipfile.ZipInfo]) -> None:
@@ -232,28 +254,40 @@ def read_member(zf: zipfile.ZipFile, member: ZipMember, *, max_bytes: int, what:
             code="archive_too_large",
             details={"member": _shown(member.name)},
         )
-    chunks: list[bytes] = []
+    return b"".join(_checked_chunks(zf, member))
+
+
+def verify_zip_members(zf: zipfile.ZipFile, members: list[ZipMember]) -> None:
+    """Stream every member's data once, without keeping it: sizes and CRCs confirmed (``invalid_archive``)."""
+    for member in members:
+        if not member.is_dir:
+            for _ in _checked_chunks(zf, member):
+                pass
+
+
+def _checked_chunks(zf: zipfile.ZipFile, member: ZipMember) -> Iterator[bytes]:
+    """A member's data in chunks; more or less data than it declares, or a bad CRC, is refused."""
+    declared = member.info.file_size
     count = 0
     try:
         with zf.open(member.info) as src:
-            while chunk := src.read(min(_CHUNK, max_bytes + 1 - count)):
+            while chunk := src.read(_CHUNK):
                 count += len(chunk)
-                if count > member.info.file_size or count > max_bytes:
+                if count > declared:
                     raise _unsafe("An archive member holds more data than it declares.", member.name, "size")
-                chunks.append(chunk)
+                yield chunk
     except _ZIP_READ_ERRORS as exc:
         raise InvalidUpload(
             f"Archive member could not be read ({type(exc).__name__}).",
             code="invalid_archive",
             details={"member": _shown(member.name)},
         ) from exc
-    if count != member.info.file_size:
+    if count != declared:
         raise InvalidUpload(
             "An archive member holds less data than it declares.",
             code="invalid_archive",
             details={"member": _shown(member.name)},
         )
-    return b"".join(chunks)
 
 
 def _inside(root: str, candidate: str) -> bool:
@@ -275,64 +309,245 @@ def safe_extract_zip(
     confirmed inside ``dest`` with ``os.path.commonpath`` on resolved paths, and files are created with
     ``O_EXCL | O_NOFOLLOW``. On any refusal, whatever was written under ``dest`` is removed.
     """
+    _require_empty(dest)
+    with open_zip(src, max_members=max_members) as zf:
+        members = check_zip_members(zf, max_members=max_members, max_total_bytes=max_total_bytes, max_ratio=max_ratio)
+        entries = [(m.name, m.is_dir, m.info.file_size, _zip_opener(zf, m.info)) for m in members]
+        return _extract_entries(dest, entries)
+
+
+def _zip_opener(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], IO[bytes]]:
+    return lambda: zf.open(info)
+
+
+def _require_empty(dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):
         raise ValueError(f"extraction folder {dest} is not empty")
+
+
+# (normalised name, is a directory, declared size, opener of its data)
+_Entry = tuple[str, bool, int, Callable[[], IO[bytes]]]
+
+
+def _extract_entries(dest: Path, entries: list[_Entry]) -> list[Path]:
+    """Write checked members under ``dest`` (see :func:`safe_extract_zip`); on any error ``dest`` is emptied."""
     root = os.path.realpath(dest)
-    with open_zip(src, max_members=max_members) as zf:
-        members = check_zip_members(zf, max_members=max_members, max_total_bytes=max_total_bytes, max_ratio=max_ratio)
-        written: list[Path] = []
-        try:
-            for member in members:
-                target = os.path.join(root, *member.name.split("/"))
-                if not _inside(root, os.path.normpath(target)):
-                    raise _unsafe("An archive member would land outside the extraction folder.", member.name, "escape")
-                if member.is_dir:
-                    os.makedirs(target, exist_ok=True)
-                    if not _inside(root, os.path.realpath(target)):
-                        raise _unsafe(
-                            "An archive folder resolves outside the extraction folder.", member.name, "escape"
-                        )
-                    continue
-                parent = os.path.dirname(target)
-                os.makedirs(parent, exist_ok=True)
-                if not _inside(root, os.path.realpath(parent)) or os.path.realpath(parent) != os.path.normpath(parent):
-                    raise _unsafe("An archive member resolves outside the extraction folder.", member.name, "escape")
-                _extract_member(zf, member, target)
-                written.append(Path(target))
-        except BaseException:
-            empty_folder(dest)
-            raise
+    written: list[Path] = []
+    try:
+        for name, is_dir, declared, opener in entries:
+            target = os.path.join(root, *name.split("/"))
+            if not _inside(root, os.path.normpath(target)):
+                raise _unsafe("An archive member would land outside the extraction folder.", name, "escape")
+            if is_dir:
+                os.makedirs(target, exist_ok=True)
+                if not _inside(root, os.path.realpath(target)):
+                    raise _unsafe("An archive folder resolves outside the extraction folder.", name, "escape")
+                continue
+            parent = os.path.dirname(target)
+            os.makedirs(parent, exist_ok=True)
+            if not _inside(root, os.path.realpath(parent)) or os.path.realpath(parent) != os.path.normpath(parent):
+                raise _unsafe("An archive member resolves outside the extraction folder.", name, "escape")
+            _extract_member(name, declared, opener, target)
+            written.append(Path(target))
+    except BaseException:
+        empty_folder(dest)
+        raise
     return written
 
 
-def _extract_member(zf: zipfile.ZipFile, member: ZipMember, target: str) -> None:
+def _extract_member(name: str, declared: int, opener: Callable[[], IO[bytes]], target: str) -> None:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    declared = member.info.file_size
     count = 0
     fd = os.open(target, flags, 0o600)
     with os.fdopen(fd, "wb") as out:
         try:
-            with zf.open(member.info) as src:
+            with opener() as src:
                 while chunk := src.read(_CHUNK):
                     count += len(chunk)
                     if count > declared:
-                        raise _unsafe("An archive member holds more data than it declares.", member.name, "size")
+                        raise _unsafe("An archive member holds more data than it declares.", name, "size")
                     out.write(chunk)
-        except _ZIP_READ_ERRORS as exc:
+        except (*_ZIP_READ_ERRORS, tarfile.TarError) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise  # a failure writing our own disk is ours, not the upload's
             raise InvalidUpload(
                 f"Archive member could not be read ({type(exc).__name__}: {_shown(str(exc))}).",
                 code="invalid_archive",
-                details={"member": _shown(member.name)},
+                details={"member": _shown(name)},
             ) from exc
     if count != declared:
         raise InvalidUpload(
             "An archive member holds less data than it declares.",
             code="invalid_archive",
+            details={"member": _shown(name)},
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------- tar
+# Plain (uncompressed) POSIX/GNU tar only: the "ustar" magic at offset 257 identifies it. Compressed tars would need
+# a ratio check on one stream for the whole archive; a ZIP does the same job with per-member checks.
+
+TAR_MAGIC_OFFSET = 257
+_TAR_HEADER = 512
+
+
+def looks_like_tar(head: bytes) -> bool:
+    """``head`` (at least the first 262 bytes of the file) starts a POSIX or GNU tar archive."""
+    return head[TAR_MAGIC_OFFSET : TAR_MAGIC_OFFSET + 5] == b"ustar"
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """A tar member that passed the checks: its ``TarInfo`` and its normalised, safe relative name."""
+
+    info: tarfile.TarInfo
+    name: str
+    is_dir: bool
+
+
+def open_tar(path: Path) -> tarfile.TarFile:
+    """Open ``path`` as a plain tar (``invalid_archive`` if it is not one, or is compressed)."""
+    try:
+        return tarfile.open(path, mode="r:")
+    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+        raise InvalidUpload(
+            f"The file is not a readable (uncompressed) tar archive ({type(exc).__name__}).", code="invalid_archive"
+        ) from exc
+
+
+def check_tar_members(
+    tf: tarfile.TarFile,
+    *,
+    archive_size: int,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+) -> list[TarMember]:
+    """Every member of ``tf`` checked from its headers; no member data is read or written.
+
+    Headers are read one at a time, so an archive with too many members is refused (``archive_too_large``) without
+    listing all of them. Refused (``unsafe_archive``): the name rules of :func:`normalize_member_name`, symbolic and
+    hard links, devices, FIFOs, sparse files and any other non-regular entry, duplicates after normalisation
+    (case-insensitively), a file that is also a folder. A member whose data would run past the end of the file is
+    ``invalid_archive``.
+    """
+    members: list[TarMember] = []
+    names = _MemberNames()
+    total = 0
+    while True:
+        try:
+            info = tf.next()
+        except (tarfile.TarError, OSError, EOFError, ValueError, UnicodeDecodeError) as exc:
+            raise InvalidUpload(
+                f"A tar header could not be read ({type(exc).__name__}).", code="invalid_archive"
+            ) from exc
+        if info is None:
+            break
+        if len(members) >= max_members:
+            raise InvalidUpload(
+                f"The archive has more than {max_members} members; at most {max_members} are accepted.",
+                code="archive_too_large",
+                details={"max_members": max_members},
+            )
+        raw = info.name
+        name = normalize_member_name(raw)
+        if info.issym() or info.islnk():
+            raise _unsafe("The archive contains a link; only regular files and folders are accepted.", raw, "symlink")
+        if info.issparse() or not (info.isreg() or info.isdir()):
+            raise _unsafe("The archive contains a special file; only regular files are accepted.", raw, "special")
+        if info.isdir() and info.size:
+            raise _unsafe("A directory entry in the archive carries data.", raw, "directory_with_data")
+        names.add(name, raw, info.isdir())
+        total += info.size
+        if total > max_total_bytes:
+            raise _too_large(max_total_bytes)
+        if info.isreg() and info.offset_data + info.size > archive_size:
+            raise InvalidUpload(
+                "A tar member runs past the end of the archive (truncated upload?).",
+                code="invalid_archive",
+                details={"member": _shown(raw)},
+            )
+        members.append(TarMember(info=info, name=name, is_dir=info.isdir()))
+    names.check_nesting()
+    return members
+
+
+def read_tar_member(tf: tarfile.TarFile, member: TarMember, *, max_bytes: int, what: str) -> bytes:
+    """The bytes of one checked tar member, refusing (``archive_too_large``) more than ``max_bytes``."""
+    if member.info.size > max_bytes:
+        raise InvalidUpload(
+            f"{what} is {member.info.size} bytes; at most {max_bytes} are accepted.",
+            code="archive_too_large",
             details={"member": _shown(member.name)},
         )
+    stream = tf.extractfile(member.info)
+    if stream is None:
+        raise InvalidUpload("A tar member could not be read.", code="invalid_archive", details={"member": member.name})
+    try:
+        with stream:
+            data = stream.read(member.info.size + 1)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise InvalidUpload(
+            f"A tar member could not be read ({type(exc).__name__}).",
+            code="invalid_archive",
+            details={"member": _shown(member.name)},
+        ) from exc
+    if len(data) != member.info.size:
+        raise InvalidUpload(
+            "A tar member holds less data than it declares.",
+            code="invalid_archive",
+            details={"member": _shown(member.name)},
+        )
+    return data
+
+
+def safe_extract_tar(
+    src: Path,
+    dest: Path,
+    *,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+) -> list[Path]:
+    """Extract the plain tar ``src`` into the empty folder ``dest`` as :func:`safe_extract_zip` does a ZIP.
+
+    ``tarfile``'s own ``extractall`` is not used: every member is checked (:func:`check_tar_members`) before the
+    first byte is written, and the writing is the same code, with the same checks, as for a ZIP.
+    """
+    _require_empty(dest)
+    with open_tar(src) as tf:
+        members = check_tar_members(
+            tf, archive_size=src.stat().st_size, max_members=max_members, max_total_bytes=max_total_bytes
+        )
+        entries = [(m.name, m.is_dir, m.info.size, tar_opener(tf, m.info)) for m in members]
+        return _extract_entries(dest, entries)
+
+
+def tar_opener(tf: tarfile.TarFile, info: tarfile.TarInfo) -> Callable[[], IO[bytes]]:
+    """A function opening the data of the regular member ``info`` (``tarfile.ExtractError`` if it has none)."""
+
+    def opener() -> IO[bytes]:
+        stream = tf.extractfile(info)
+        if stream is None:
+            raise tarfile.ExtractError(f"{info.name!r} has no data")
+        return stream
+
+    return opener
+
+
+def safe_extract_archive(
+    src: Path,
+    dest: Path,
+    *,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
+    max_ratio: float = DEFAULT_MAX_RATIO,
+) -> list[Path]:
+    """Extract a ZIP or plain tar (told apart by content) into the empty folder ``dest``; see the two above."""
+    with src.open("rb") as fp:
+        head = fp.read(_TAR_HEADER)
+    if looks_like_tar(head):
+        return safe_extract_tar(src, dest, max_members=max_members, max_total_bytes=max_total_bytes)
+    return safe_extract_zip(src, dest, max_members=max_members, max_total_bytes=max_total_bytes, max_ratio=max_ratio)
 
 
 def empty_folder(folder: Path) -> None:

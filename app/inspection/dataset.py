@@ -18,6 +18,7 @@ from app.errors import InvalidUpload
 from app.inspection.archive import ZipMember, check_zip_members, open_zip
 from app.inspection.pickle_scan import looks_like_pickle
 from app.inspection.schemas import ArraySpec, DatasetInspection, ModelInspection, TensorSpec
+from app.inspection.text_dataset import check_text_dataset_for_model, inspect_jsonl, is_text_dataset, looks_like_jsonl
 
 LABELS = "labels"
 SINGLE_INPUT_ALIASES = ("inputs", "input")
@@ -27,7 +28,10 @@ DEFAULT_MAX_DATASET_BYTES = 4 * 1024**3
 DEFAULT_DATASET_MAX_RATIO = 1000
 _NUMERIC_KINDS = "biufc"
 _CHUNK = 1024**2
-_ACCEPTED = "an .npz file written by numpy.savez or numpy.savez_compressed, one array per model input"
+_ACCEPTED = (
+    "an .npz file written by numpy.savez or numpy.savez_compressed, one array per model input, or (for Hugging Face "
+    'models with a tokenizer) a JSONL file of {"text": ..., "label": ...} lines'
+)
 
 
 def _invalid(message: str, code: str = "invalid_dataset", **details: Any) -> InvalidUpload:
@@ -85,11 +89,14 @@ def inspect_dataset(
     max_total_bytes: int = DEFAULT_MAX_DATASET_BYTES,
     max_ratio: float = DEFAULT_DATASET_MAX_RATIO,
 ) -> DatasetInspection:
-    """Inspect the uploaded ``.npz`` at ``path`` (shapes and dtypes from headers; nothing is unpickled)."""
+    """Inspect the uploaded ``.npz`` (shapes and dtypes from headers; nothing is unpickled) or JSONL text dataset
+    (:mod:`app.inspection.text_dataset`) at ``path``, told apart by content."""
     with path.open("rb") as fp:
-        head = fp.read(8)
+        head = fp.read(4096)
     if not head:
         raise _invalid(f"The dataset file is empty. Expected {_ACCEPTED}.")
+    if looks_like_jsonl(head):
+        return inspect_jsonl(path)
     if looks_like_pickle(head):
         raise _invalid(
             f"Pickled datasets are not accepted: loading a pickle can execute code. Upload {_ACCEPTED}.",
@@ -169,11 +176,16 @@ def check_dataset_for_model(model: ModelInspection, dataset: DatasetInspection) 
     """Map each dataset array to the model input it feeds, or raise ``dataset_mismatch`` saying what is wrong.
 
     Array names must equal the model's input names; a one-input model also takes a single array called
-    ``inputs`` or ``input``. Per-sample shapes must match the input's static dimensions (symbolic ones accept any
-    size) and the element kinds must agree (float with float, integer with integer, bool with bool).
+    ``inputs`` or ``input``. Inputs the model lists in ``details["optional_inputs"]`` (a Hugging Face model's
+    ``attention_mask`` and ``token_type_ids``) may be left out. Per-sample shapes must match the input's static
+    dimensions (symbolic ones accept any size) and the element kinds must agree (float with float, integer with
+    integer, bool with bool). A JSONL text dataset is checked by ``check_text_dataset_for_model``.
     """
+    if is_text_dataset(dataset):
+        return check_text_dataset_for_model(model, dataset)
     arrays = {k: v for k, v in dataset.arrays.items() if k != LABELS}
     by_name = {spec.name: spec for spec in model.inputs}
+    optional = set(model.details.get("optional_inputs") or ())
     mapping: dict[str, str] = {}
     if len(model.inputs) == 1 and len(arrays) == 1:
         (array_name,) = arrays
@@ -181,7 +193,7 @@ def check_dataset_for_model(model: ModelInspection, dataset: DatasetInspection) 
         if array_name == only.name or array_name in SINGLE_INPUT_ALIASES:
             mapping[array_name] = only.name
     if not mapping:
-        missing = [spec for name, spec in by_name.items() if name not in arrays]
+        missing = [spec for name, spec in by_name.items() if name not in arrays and name not in optional]
         extra = sorted(set(arrays) - set(by_name))
         if missing or extra:
             parts = []

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from app.errors import InvalidUpload
 from app.inspection.archive import (
     DEFAULT_MAX_MEMBERS,
     DEFAULT_MAX_RATIO,
     DEFAULT_MAX_TOTAL_BYTES,
+    check_tar_members,
     check_zip_members,
     empty_folder,
     find_onnx_in_dir,
+    looks_like_tar,
+    open_tar,
     open_zip,
     safe_extract_zip,
+    tar_opener,
+    verify_zip_members,
 )
+from app.inspection.hf import ArchiveFile, hf_root, inspect_hf
 from app.inspection.onnx_model import inspect_onnx
 from app.inspection.pickle_scan import PICKLE_REFUSAL, looks_like_pickle, parses_as_pickle
 from app.inspection.pt2 import inspect_pt2, is_pt2_layout
@@ -51,7 +60,9 @@ def inspect_model(
     if size == 0:
         raise InvalidUpload(f"The model file is empty. Accepted: {ACCEPTED_MODELS}.", code="invalid_model")
     with path.open("rb") as fp:
-        head = fp.read(16)
+        head = fp.read(512)
+    if looks_like_tar(head):
+        return _inspect_tar(path, size=size, max_total_bytes=max_total_bytes, max_members=max_members)
     if head.startswith(_ZIP_MAGIC):
         return _inspect_zip(
             path,
@@ -118,6 +129,13 @@ def _inspect_zip(
             return inspect_torchscript(zf, members, size_bytes=size)
         if any(f.rsplit("/", 1)[-1] in _PICKLE_MEMBERS for f in files):
             raise _pickle_refused()
+        prefix = hf_root(files)
+        if prefix is not None:
+            verify_zip_members(zf, members)  # sizes and CRCs, streamed: nothing is written
+            entries = {
+                m.name: ArchiveFile(m.name, m.info.file_size, _zip_opener(zf, m.info)) for m in members if not m.is_dir
+            }
+            return inspect_hf(entries, prefix, packaging="zip", size_bytes=size)
         onnx_files = [f for f in files if f.lower().endswith(".onnx")]
     if not onnx_files:
         raise InvalidUpload(
@@ -143,3 +161,23 @@ def _inspect_zip(
     except InvalidUpload:
         empty_folder(workdir)  # a refused upload leaves nothing behind
         raise
+
+
+def _zip_opener(zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> Callable[[], IO[bytes]]:
+    return lambda: zf.open(info)
+
+
+def _inspect_tar(path: Path, *, size: int, max_total_bytes: int, max_members: int) -> ModelInspection:
+    """A plain tar is accepted for one thing: a Hugging Face model folder. Its members are checked first."""
+    with open_tar(path) as tf:
+        members = check_tar_members(tf, archive_size=size, max_members=max_members, max_total_bytes=max_total_bytes)
+        entries = {m.name: ArchiveFile(m.name, m.info.size, tar_opener(tf, m.info)) for m in members if not m.is_dir}
+        prefix = hf_root(list(entries))
+        if prefix is None:
+            raise InvalidUpload(
+                "A tar archive is accepted only for a Hugging Face model folder (config.json with model.safetensors). "
+                f"Accepted: {ACCEPTED_MODELS}.",
+                code="unsupported_format",
+                details={"members": sorted(entries)[:20]},
+            )
+        return inspect_hf(entries, prefix, packaging="tar", size_bytes=size)

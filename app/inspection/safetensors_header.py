@@ -12,7 +12,7 @@ import json
 import math
 import struct
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from app.errors import InvalidUpload
 
@@ -40,17 +40,24 @@ def looks_like_safetensors(head: bytes, size: int) -> bool:
 
 def read_safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     """The validated tensor table {name: {dtype, shape, data_offsets}} (``__metadata__`` dropped)."""
-    size = path.stat().st_size
     with path.open("rb") as f:
-        raw_len = f.read(8)
-        if len(raw_len) < 8:
-            raise _bad("shorter than its 8-byte header length")
-        (n,) = struct.unpack("<Q", raw_len)
-        if n > MAX_HEADER_BYTES:
-            raise _bad(f"header of {n} bytes is larger than the {MAX_HEADER_BYTES}-byte limit", header_bytes=n)
-        if 8 + n > size:
-            raise _bad(f"header length {n} runs past the end of the {size}-byte file", header_bytes=n)
-        raw = f.read(n)
+        return parse_safetensors_header(f, path.stat().st_size)
+
+
+def parse_safetensors_header(f: IO[bytes], size: int) -> dict[str, dict[str, Any]]:
+    """As :func:`read_safetensors_header`, from a stream positioned at the start of a ``size``-byte file (an
+    archive member); only the header is read."""
+    raw_len = f.read(8)
+    if len(raw_len) < 8:
+        raise _bad("shorter than its 8-byte header length")
+    (n,) = struct.unpack("<Q", raw_len)
+    if n > MAX_HEADER_BYTES:
+        raise _bad(f"header of {n} bytes is larger than the {MAX_HEADER_BYTES}-byte limit", header_bytes=n)
+    if 8 + n > size:
+        raise _bad(f"header length {n} runs past the end of the {size}-byte file", header_bytes=n)
+    raw = f.read(n)
+    if len(raw) != n:
+        raise _bad(f"header length {n} runs past the end of the data")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:

@@ -8,7 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 ACCEPTED_MODELS = (
     "a single .onnx file, a .zip holding one .onnx file and its external-data files, a torch.export "
-    "archive (.pt2, written by torch.export.save), or a TorchScript archive (written by torch.jit.save)"
+    "archive (.pt2, written by torch.export.save), a TorchScript archive (written by torch.jit.save), or a "
+    "Hugging Face model folder (config.json + model.safetensors, tokenizer files optional) as a .zip or plain .tar"
 )
 
 
@@ -27,20 +28,23 @@ class TensorSpec(_Frozen):
 
 
 class ModelInspection(_Frozen):
-    format: Literal["onnx", "pt2", "torchscript"]
-    packaging: Literal["file", "zip"]
+    format: Literal["onnx", "pt2", "torchscript", "hf"]
+    packaging: Literal["file", "zip", "tar"]
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     parameters: int = Field(
         description="Elements in the model's weights (pt2, TorchScript: parameters; ONNX: initializers)."
     )
-    opset: int | None = Field(None, description="ONNX default-domain opset; None for pt2 and TorchScript.")
+    opset: int | None = Field(None, description="ONNX default-domain opset; None for the other formats.")
     details: dict[str, Any] = Field(default_factory=dict)
 
 
 class ArraySpec(_Frozen):
     shape: list[int]
-    dtype: str
+    dtype: str = Field(description='numpy dtype name, or "text" for a JSONL dataset\'s strings.')
+    values: list[int] | list[str] | None = Field(
+        None, description="JSONL labels only: the distinct label values, sorted (None past 1000 of them)."
+    )
 
 
 class DatasetInspection(_Frozen):

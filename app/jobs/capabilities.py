@@ -3,7 +3,13 @@ submission refuses any pair not listed here, so nothing unsupported reaches a wo
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Any
+
+try:  # the version the workers of this deployment run (same image); read from metadata, transformers not imported
+    _TRANSFORMERS_VERSION = metadata.version("transformers")
+except metadata.PackageNotFoundError:
+    _TRANSFORMERS_VERSION = "(not installed)"
 
 _PRUNE = {
     "magnitude": {
@@ -231,6 +237,73 @@ _PT2_WEIGHT_ONLY = {
     },
 }
 
+_HF_PRUNE = {
+    "magnitude": {
+        **_PRUNE["magnitude"],
+        "description": (
+            "Unstructured magnitude pruning of the nn.Linear weights (attention, feed-forward, pooler, classifier; "
+            "embeddings and norms are left alone) to an exact sparsity, global or per layer, or N:M."
+        ),
+        "devices": ["cpu"],
+    },
+    "wanda": {
+        "description": (
+            "Wanda: |weight| x input-activation norm of every nn.Linear (collected with forward hooks over the "
+            "dataset, padded tokens left out), the lowest zeroed in each output neuron, to a sparsity or N:M."
+        ),
+        "needs_dataset": True,
+        "needs_labels": False,
+        "devices": ["cpu"],
+        "stored_size": "unchanged: zeros are stored densely (the report says so)",
+    },
+}
+
+_HF_QUANT = {
+    "int8_weight_only": {
+        "description": (
+            "torchao Int8WeightOnlyConfig on every nn.Linear (per row, or group_size), applied through "
+            "transformers' TorchAoConfig and saved as safetensors: the folder loads with from_pretrained where "
+            "torchao is installed. include: ['embedding'] is not available for hf models."
+        ),
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu"],
+    },
+    "int8_dynamic": {
+        "description": (
+            "torchao Int8DynamicActivationInt8WeightConfig on every nn.Linear (int8 weights per row, or per tensor "
+            "with per_channel false; activations quantized per batch), saved as safetensors like int8_weight_only."
+        ),
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu"],
+    },
+    "fp16": {
+        "description": "Float16 parameters and compute (config.json records the dtype); outputs reported in float32.",
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu"],
+    },
+    "bf16": {
+        "description": "Bfloat16 parameters and compute (config.json records the dtype); outputs reported in float32.",
+        "needs_dataset": False,
+        "needs_labels": False,
+        "devices": ["cpu"],
+    },
+}
+
+_HF_CONVERT_ONNX = {
+    "onnx": {
+        **_CONVERT_ONNX["onnx"],
+        "description": (
+            "Export to ONNX (torch.onnx dynamo exporter, eager attention): inputs input_ids/attention_mask"
+            "/token_type_ids as the dataset has them, batch and sequence dynamic, output logits or "
+            "last_hidden_state; checked in ONNX Runtime. Later steps use the ONNX methods."
+        ),
+        "devices": ["cpu"],
+    },
+}
+
 # A step whose info has "produces" changes the model's format: later steps are looked up under that format.
 CAPABILITIES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     "onnx": {"prune": _ONNX_PRUNE, "quantize": _ONNX_QUANT, "encode": _ENCODE},
@@ -241,6 +314,12 @@ CAPABILITIES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
         "convert": _CONVERT_ONNX,
     },
     "torchscript": {"prune": _PRUNE, "quantize": _TORCHSCRIPT_QUANT, "convert": _CONVERT_ONNX},
+    "hf": {
+        "prune": _HF_PRUNE,
+        "quantize": _HF_QUANT,
+        "finetune": {name: {**info, "devices": ["cpu"]} for name, info in _PT2_FINETUNE.items()},
+        "convert": _HF_CONVERT_ONNX,
+    },
 }
 
 FORMATS: dict[str, dict[str, Any]] = {
@@ -264,6 +343,18 @@ FORMATS: dict[str, dict[str, Any]] = {
         "runtime": "torch (TorchScript interpreter)",
         "output": "torchscript",
         "suffix": ".pt",
+    },
+    "hf": {
+        "description": (
+            "Hugging Face model folder: config.json + model.safetensors (or sharded with "
+            "model.safetensors.index.json), tokenizer files optional, uploaded as a .zip or a plain .tar. Loaded "
+            "with trust_remote_code=False and safetensors only; folders with custom code or only pickled weights "
+            "are refused. Sequence classifiers, token classifiers and base encoders. Results are a .zip of the "
+            "output folder (save_pretrained + the tokenizer files), stored uncompressed. Text datasets: JSONL."
+        ),
+        "runtime": f"transformers {_TRANSFORMERS_VERSION} (torch, eager)",
+        "output": "hf",
+        "suffix": ".zip",
     },
     "squeeze": {
         "description": (

@@ -107,7 +107,12 @@ def download_model(
 ) -> Response:
     """The model's bytes as uploaded. `ETag` is the sha256; `Range` is supported (or a 307 to a presigned URL)."""
     model = service.get_model(session, model_id=model_id, user=user)
-    suffixes = {"onnx": ".zip" if model.packaging == "zip" else ".onnx", "pt2": ".pt2", "torchscript": ".pt"}
+    suffixes = {
+        "onnx": ".zip" if model.packaging == "zip" else ".onnx",
+        "pt2": ".pt2",
+        "torchscript": ".pt",
+        "hf": ".tar" if model.packaging == "tar" else ".zip",
+    }
     suffix = suffixes.get(model.format, "")
     return blob_download(
         request,

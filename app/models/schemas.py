@@ -34,8 +34,11 @@ class ModelPublic(BaseModel):
 
     id: str
     name: str
-    format: str = Field(description="Detected from the content: 'onnx', 'pt2' or 'torchscript'.")
-    packaging: str = Field(description="'file', or 'zip' for an ONNX model with external data.")
+    format: str = Field(description="Detected from the content: 'onnx', 'pt2', 'torchscript' or 'hf'.")
+    packaging: str = Field(
+        description="'file'; 'zip' for an ONNX model with external data or a zipped Hugging Face folder; 'tar' for a "
+        "Hugging Face folder in a plain tar."
+    )
     size_bytes: int
     sha256: str
     created_at: datetime

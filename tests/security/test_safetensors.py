@@ -50,21 +50,34 @@ def test_hostile_headers_get_a_clean_422_quickly(client, alice, case: str) -> No
     assert r.json()["error"]["code"] == "invalid_safetensors", case
 
 
-def test_tar_archives_are_refused_whole_and_nothing_is_extracted(client, alice, data_dir) -> None:
+def _tar(entries: list[tuple[str, bytes]], links: dict[str, str] | None = None) -> bytes:
     import io
     import tarfile
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name in ("../escaped.onnx", "/tmp/absolute.onnx", "model.onnx"):
+        for name, data in entries:
             info = tarfile.TarInfo(name)
-            info.size = 4
-            tar.addfile(info, io.BytesIO(b"onnx"))
-        link = tarfile.TarInfo("link")
-        link.type = tarfile.SYMTYPE
-        link.linkname = "/etc/passwd"
-        tar.addfile(link)
-    r = client.post("/v1/models", headers=alice, files={"file": ("model.tar", buf.getvalue())})
-    assert r.status_code == 422 and r.json()["error"]["code"] in {"unsupported_format", "invalid_model"}
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            link = tarfile.TarInfo(name)
+            link.type = tarfile.SYMTYPE
+            link.linkname = target
+            tar.addfile(link)
+    return buf.getvalue()
+
+
+def test_hostile_tar_archives_are_refused_and_nothing_is_extracted(client, alice, data_dir) -> None:
+    # Tars are read for one thing, a Hugging Face model folder, and only after every member passed the checks.
+    entries = [("../escaped.onnx", b"onnx"), ("/tmp/absolute.onnx", b"onnx"), ("model.onnx", b"onnx")]
+    r = client.post("/v1/models", headers=alice, files={"file": ("model.tar", _tar(entries, {"link": "/etc/passwd"}))})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unsafe_archive"
     assert not (data_dir.parent / "escaped.onnx").exists() and not list(data_dir.rglob("escaped.onnx"))
     assert not list(data_dir.rglob("absolute.onnx"))
+
+
+def test_a_tar_that_is_not_a_model_folder_is_refused(client, alice) -> None:
+    r = client.post("/v1/models", headers=alice, files={"file": ("model.tar", _tar([("model.onnx", b"onnx")]))})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_format"
+    assert "Hugging Face model folder" in r.json()["error"]["message"]
