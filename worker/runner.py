@@ -193,10 +193,11 @@ class ProgressReporter:
 
 
 def materialize_model(model: ModelUpload, workdir: Path) -> Path:
-    """A local path to the model file: the blob itself, or the .onnx inside a safely extracted zip."""
+    """A local path to the model file: the blob itself, or the .onnx inside a safely extracted zip. A Hugging Face
+    folder stays an archive: the hf backend unpacks it in the sandboxed child."""
     store = get_store()
     blob = store.local_path(model.sha256)
-    if model.packaging == "zip":
+    if model.packaging == "zip" and model.format == "onnx":
         from app.inspection.archive import find_onnx_in_dir, safe_extract_zip
 
         settings = get_settings()

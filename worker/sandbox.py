@@ -76,6 +76,8 @@ def sandbox_env(workdir: Path) -> dict[str, str]:
     """The child's whole environment: allow-listed variables only, home and temp inside the job's folder."""
     env = {k: os.environ[k] for k in ENV_ALLOW if k in os.environ}
     env.update(HOME=str(workdir), TMPDIR=str(workdir / "tmp"), PYTHONUNBUFFERED="1", PYTHONNOUSERSITE="1")
+    # Hugging Face libraries: everything comes from the uploaded folder, never from the Hub.
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
     return env
 
 
@@ -188,9 +190,14 @@ def _resolve_device(requested: str, steps: list[Any], fmt: str) -> str:
     return "cuda" if cuda_ok else "cpu"
 
 
-def _load_data(spec: dict[str, Any] | None) -> Any:
+def _load_data(spec: dict[str, Any] | None, model_path: Path, fmt: str, max_samples: int) -> Any:
     if spec is None:
         return None
+    if fmt == "hf" and "text" in spec["mapping"]:
+        # A JSONL text dataset (app.inspection.text_dataset): tokenized here by the model's own tokenizer.
+        from worker.compress.hf_format import load_text_dataset
+
+        return load_text_dataset(Path(spec["path"]), model_path, limit=max_samples)
     import numpy as np
 
     from worker.compress.types import EvalData
@@ -217,7 +224,9 @@ def child_main() -> int:
             model_path=Path(request["model_path"]),
             fmt=request["format"],
             steps=steps,
-            data=_load_data(request["dataset"]),
+            data=_load_data(
+                request["dataset"], Path(request["model_path"]), request["format"], spec.evaluation.max_samples
+            ),
             options=spec.evaluation,
             device=device,
             workdir=Path(request["workdir"]),

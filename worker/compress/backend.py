@@ -14,8 +14,8 @@ QuantizeStepT = QuantizeInt8Dynamic | QuantizeInt8Static | QuantizeFp16
 
 
 class FormatBackend(Protocol):
-    name: str  # "onnx" | "pt2" | "squeeze": also the output format
-    suffix: str  # file suffix of a saved model: ".onnx" | ".pt2" | ".sqz"
+    name: str  # "onnx" | "pt2" | "torchscript" | "hf" | "squeeze": also the output format
+    suffix: str  # file suffix of a saved model: ".onnx" | ".pt2" | ".pt" | ".zip" (an hf folder) | ".sqz"
 
     def open_runner(self, path: Path, device: str) -> Runner:
         """Load the model for inference on ``device`` ("cpu" | "cuda")."""
@@ -56,6 +56,10 @@ def get_backend(fmt: str) -> FormatBackend:
         from worker.compress.torchscript_format import TorchScriptBackend
 
         return TorchScriptBackend()
+    if fmt == "hf":
+        from worker.compress.hf_format import HfBackend
+
+        return HfBackend()
     if fmt == "squeeze":
         from worker.compress.squeeze_format import SqueezeBackend
 

@@ -27,7 +27,7 @@ from worker.compress.onnx_format import (
     _save_model,
     _scratch,
 )
-from worker.compress.pruning import nm_mask, output_axis
+from worker.compress.pruning import nm_mask, row_keep
 from worker.compress.types import CompressionError, EvalData, StepContext, StepReport
 
 _BATCH = 32
@@ -56,7 +56,7 @@ def wanda_step(backend: OnnxBackend, src: Path, dst: Path, step: PruneWanda, ctx
     for name, (tensor_in, k_axis) in layers.items():
         w, _ = weights[name]
         scores = np.abs(w.astype(np.float32)) * np.expand_dims(norms[tensor_in], 1 - k_axis)
-        keep = nm_mask(scores, *pattern, k_axis) if pattern else _row_keep(scores, step.sparsity or 0.0, k_axis)
+        keep = nm_mask(scores, *pattern, k_axis) if pattern else row_keep(scores, step.sparsity or 0.0, k_axis)
         new[name] = np.where(keep, w, np.zeros((), dtype=w.dtype))
         rows.append({"name": name, "shape": list(w.shape), "sparsity": round(1 - float(keep.mean()), 6)})
     backend.with_weights(src, dst, new)
@@ -134,15 +134,3 @@ def _input_norms(
             squares = (x.reshape(-1, x.shape[-1]) ** 2).sum(axis=0)
             sums[name] = sums.get(name, 0.0) + squares
     return {name: np.sqrt(v).astype(np.float32) for name, v in sums.items()}
-
-
-def _row_keep(scores: np.ndarray, sparsity: float, k_axis: int) -> np.ndarray:
-    """Zero the lowest ``round(sparsity * K)`` scores of each output neuron (ties by position)."""
-    out = output_axis(scores.ndim, k_axis)
-    rows = np.moveaxis(scores, out, 0).reshape(scores.shape[out], -1)
-    drop = round(sparsity * rows.shape[1])
-    keep = np.ones(rows.shape, dtype=bool)
-    if drop:
-        order = np.argsort(rows, axis=1, kind="stable")[:, :drop]
-        np.put_along_axis(keep, order, False, axis=1)
-    return np.moveaxis(keep.reshape(np.moveaxis(scores, out, 0).shape), 0, out)

@@ -136,3 +136,16 @@ def output_axis(ndim: int, reduction_axis: int) -> int:
     if ndim == 2:
         return 1 - axis
     return ndim - 1 if axis == ndim - 2 else 0
+
+
+def row_keep(scores: np.ndarray, sparsity: float, k_axis: int) -> np.ndarray:
+    """Keep-mask dropping the lowest ``round(sparsity * K)`` scores of each output neuron (Wanda's comparison group;
+    ties by position). ``k_axis`` is the weight's reduction axis."""
+    out = output_axis(scores.ndim, k_axis)
+    rows = np.moveaxis(scores, out, 0).reshape(scores.shape[out], -1)
+    drop = round(sparsity * rows.shape[1])
+    keep = np.ones(rows.shape, dtype=bool)
+    if drop:
+        order = np.argsort(rows, axis=1, kind="stable")[:, :drop]
+        np.put_along_axis(keep, order, False, axis=1)
+    return np.moveaxis(keep.reshape(np.moveaxis(scores, out, 0).shape), 0, out)
