@@ -24,7 +24,7 @@ EXAMPLE = {
 }
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=errors(404, 409, 422, 429))
+@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=errors(400, 404, 409, 422, 429))
 def submit_search(
     spec: Annotated[SearchSpec, Body(examples=[EXAMPLE])],
     session: SessionDep,

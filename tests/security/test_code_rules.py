@@ -26,8 +26,9 @@ def test_no_unsafe_deserialisation_in_service_code() -> None:
             r"trust_remote_code\s*=\s*True",
             r"allow_pickle\s*=\s*True",
             r"register_custom_ops_library",
-            r"\beval\(",
-            r"\bexec\(",
+            r"(?<![.\w])eval\(",  # Python's eval; a module's .eval() (inference mode) is fine
+            r"(?<![.\w])exec\(",
+            r"builtins\.(eval|exec)\b",
         ):
             offenders += [f"{path.relative_to(ROOT)}: {pattern}" for _ in re.finditer(pattern, text)]
     assert offenders == []
