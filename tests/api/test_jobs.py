@@ -107,7 +107,7 @@ def test_dataset_that_does_not_fit_the_model_is_refused(client, alice, uploaded)
 
 def test_capabilities_list_formats_and_methods(client, alice) -> None:
     caps = client.get("/v1/capabilities", headers=alice).json()
-    assert set(caps["formats"]) == {"onnx", "pt2", "torchscript", "squeeze"}
+    assert set(caps["formats"]) == {"onnx", "pt2", "torchscript", "hf", "squeeze"}
     assert caps["formats"]["squeeze"]["output_only"] is True  # produced by encode/squeeze, never uploaded
     assert caps["methods"]["onnx"]["quantize"]["int8_static"]["needs_dataset"] is True
     assert caps["methods"]["onnx"]["encode"]["squeeze"]["produces"] == "squeeze"
