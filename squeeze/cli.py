@@ -65,7 +65,7 @@ err = Console(stderr=True, soft_wrap=True)
 out = Console() if sys.stdout.isatty() else Console(width=200)  # logs and pipes: wider than 80 columns
 
 models_cli = typer.Typer(help="Upload, list, show and delete models.", no_args_is_help=True)
-datasets_cli = typer.Typer(help="Upload, list, show and delete datasets (.npz).", no_args_is_help=True)
+datasets_cli = typer.Typer(help="Upload, list, show and delete datasets (.npz, or .jsonl text).", no_args_is_help=True)
 jobs_cli = typer.Typer(help="Submit, follow, list and cancel compression jobs.", no_args_is_help=True)
 
 
@@ -203,7 +203,8 @@ def models_upload(
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """Upload a model (ONNX, .zip of ONNX with external data, or .pt2), streamed with a progress bar."""
+    """Upload a model (ONNX, .zip of ONNX with external data, .pt2, TorchScript, or a Hugging Face folder as .zip/.tar),
+    streamed with a progress bar."""
     with _client() as client, _transfer(f"uploading {path.name}") as progress:
         model = client.upload_model(path, name=name, progress=progress)
     if as_json:
@@ -260,12 +261,13 @@ def models_rm(model_ids: Annotated[list[str], typer.Argument(help="One or more m
 @datasets_cli.command("upload")
 @handles_errors
 def datasets_upload(
-    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="An .npz file.")],
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="An .npz, or .jsonl text.")],
     name: Annotated[str | None, typer.Option(help="Display name (default: the file name).")] = None,
     as_json: JsonFlag = False,
     quiet: QuietFlag = False,
 ) -> None:
-    """Upload an .npz (one array per model input, optional integer `labels`), streamed with a progress bar."""
+    """Upload an .npz (one array per model input, optional integer `labels`) or a JSONL file of {"text", "label"}
+    lines (hf models), streamed with a progress bar."""
     with _client() as client, _transfer(f"uploading {path.name}") as progress:
         dataset = client.upload_dataset(path, name=name, progress=progress)
     if as_json:

@@ -312,7 +312,8 @@ class Squeeze:
     def upload_model(
         self, path: str | Path, name: str | None = None, progress: ProgressCallback | None = None
     ) -> ModelPublic:
-        """Upload an ONNX model, a .zip of ONNX with external data, or a ``.pt2``; streamed from disk."""
+        """Upload an ONNX model, a .zip of ONNX with external data, a ``.pt2``, a TorchScript archive, or a Hugging Face
+        model folder as a .zip or plain .tar; streamed from disk."""
         return ModelPublic.model_validate(self._upload("/v1/models", path, name, progress))
 
     def list_models(self, *, limit: int = 50, cursor: str | None = None) -> ModelsPublic:
@@ -331,7 +332,8 @@ class Squeeze:
     def upload_dataset(
         self, path: str | Path, name: str | None = None, progress: ProgressCallback | None = None
     ) -> DatasetPublic:
-        """Upload an ``.npz`` (one array per model input, optional integer ``labels``); streamed from disk."""
+        """Upload an ``.npz`` (one array per model input, optional integer ``labels``) or, for hf models, a JSONL file
+        of ``{"text": ..., "label": ...}`` lines; streamed from disk."""
         return DatasetPublic.model_validate(self._upload("/v1/datasets", path, name, progress))
 
     def list_datasets(self, *, limit: int = 50, cursor: str | None = None) -> DatasetsPublic:
