@@ -472,35 +472,6 @@ def check_tar_members(
     return members
 
 
-def read_tar_member(tf: tarfile.TarFile, member: TarMember, *, max_bytes: int, what: str) -> bytes:
-    """The bytes of one checked tar member, refusing (``archive_too_large``) more than ``max_bytes``."""
-    if member.info.size > max_bytes:
-        raise InvalidUpload(
-            f"{what} is {member.info.size} bytes; at most {max_bytes} are accepted.",
-            code="archive_too_large",
-            details={"member": _shown(member.name)},
-        )
-    stream = tf.extractfile(member.info)
-    if stream is None:
-        raise InvalidUpload("A tar member could not be read.", code="invalid_archive", details={"member": member.name})
-    try:
-        with stream:
-            data = stream.read(member.info.size + 1)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise InvalidUpload(
-            f"A tar member could not be read ({type(exc).__name__}).",
-            code="invalid_archive",
-            details={"member": _shown(member.name)},
-        ) from exc
-    if len(data) != member.info.size:
-        raise InvalidUpload(
-            "A tar member holds less data than it declares.",
-            code="invalid_archive",
-            details={"member": _shown(member.name)},
-        )
-    return data
-
-
 def safe_extract_tar(
     src: Path,
     dest: Path,

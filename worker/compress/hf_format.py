@@ -716,44 +716,29 @@ def _half(src: Path, dst: Path, method: str, dtype: torch.dtype) -> StepReport:
 def _finetune(src: Path, dst: Path, step: Finetune, ctx: StepContext) -> StepReport:
     """Recover accuracy after pruning (labels or distillation from the original's outputs); zeros stay zero.
 
-    The training loop is pt2_training's (Adam, masked gradients, fixed seeds, held-out 20%), run on the
-    transformers model in eval mode (dropout off, as for .pt2 programs).
+    The training loop and the report are pt2_training's (Adam, masked gradients, fixed seeds, held-out 20%), run
+    on the transformers model in eval mode (dropout off, as for .pt2 programs).
     """
-    from worker.compress import pt2_training as training
+    from worker.compress.pt2_training import finetune_steps
 
     if ctx.data is None:
         raise CompressionError("dataset_required", f"finetune/{step.method} trains on the job's dataset; it has none")
     data = ctx.data
     folder = model_folder(src)
     model = load_model(folder)
-    targets = training.targets_for(step.method, data, ctx.reference, step.temperature)
-    parts = training.split(data.num_samples)
-    prog: Any = HfProgram(model, data)  # duck-typed as pt2_training.Program
-    with _torch_errors("training_failed", f"finetune/{step.method}"):
-        zeros_before, total = training.sparsity(prog)
-        before = training.quality(prog, parts.measure, ctx.reference)
-        result = training.train(prog, targets, parts.train, epochs=step.epochs, lr=step.lr, batch_size=step.batch_size)
-    save_folder(model, folder, dst)
-    _check_loads(dst)
-    tuned: Any = HfProgram(load_model(model_folder(dst)), data)
-    zeros_after, _ = training.sparsity(tuned)
-    after = training.quality(tuned, parts.measure, ctx.reference)
-    if zeros_after != zeros_before:  # masks make this impossible; a broken invariant must not pass silently
-        raise CompressionError("internal_error", f"fine-tuning changed the zeros: {zeros_before} -> {zeros_after}")
-    details = {
-        "objective": training._TARGET_WORDS[targets.objective],
-        "lr": step.lr,
-        "batch_size": step.batch_size,
-        **({"temperature": step.temperature} if step.method == "distill" else {}),
-        **result.as_dict(),
-        **training.rounded(before, "before"),
-        **training.rounded(after, "after"),
-        "measured_on": parts.describe(),
-        "sparsity_before": round(zeros_before / total, 6) if total else 0.0,
-        "sparsity_after": round(zeros_after / total, 6) if total else 0.0,
-        "zeros": zeros_after,
-    }
-    return StepReport(op="finetune", method=step.method, details=details)
+
+    def save() -> None:
+        save_folder(model, folder, dst)
+        _check_loads(dst)
+
+    return finetune_steps(
+        step,
+        ctx,
+        data,
+        build=lambda: HfProgram(model, data),
+        save=save,
+        reload=lambda: HfProgram(load_model(model_folder(dst)), data),
+    )
 
 
 def _version(package: str) -> str:

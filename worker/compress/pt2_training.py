@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -441,16 +441,44 @@ def finetune(src: Path, dst: Path, step: Finetune, ctx: StepContext) -> StepRepo
     """Recover accuracy: train on labels or distil from the original; exact zeros stay zero."""
     data, notes = _job_data(ctx, f"finetune/{step.method}")
     ep = _load(src)
+
+    def save() -> None:
+        _save(ep, dst)
+        _check_runs(dst)
+
+    report = finetune_steps(
+        step,
+        ctx,
+        data,
+        build=lambda: Program(ep, data, ctx.device),
+        save=save,
+        reload=lambda: Program(_load(dst), data, ctx.device),
+    )
+    report.notes[:0] = notes
+    return report
+
+
+def finetune_steps(
+    step: Finetune,
+    ctx: StepContext,
+    data: EvalData,
+    *,
+    build: Callable[[], Any],
+    save: Callable[[], None],
+    reload: Callable[[], Any],
+) -> StepReport:
+    """The fine-tuning step on any model with ``Program``'s interface (``build`` makes it, ``save`` writes and checks
+    the trained model, ``reload`` reads the written one back): train, then measure before/after on the hold-out and
+    confirm the zeros are where they were. Shared by the pt2 and hf backends."""
     targets = targets_for(step.method, data, ctx.reference, step.temperature)
     parts = split(data.num_samples)
     with _torch_errors("training_failed", f"finetune/{step.method}"):
-        prog = Program(ep, data, ctx.device)
+        prog = build()
         zeros_before, total = sparsity(prog)
         before = quality(prog, parts.measure, ctx.reference)
         result = train(prog, targets, parts.train, epochs=step.epochs, lr=step.lr, batch_size=step.batch_size)
-        _save(ep, dst)
-    _check_runs(dst)
-    tuned = Program(_load(dst), data, ctx.device)
+        save()
+    tuned = reload()
     zeros_after, _ = sparsity(tuned)
     after = quality(tuned, parts.measure, ctx.reference)
     if zeros_after != zeros_before:  # masks make this impossible; a broken invariant must not pass silently
@@ -468,7 +496,7 @@ def finetune(src: Path, dst: Path, step: Finetune, ctx: StepContext) -> StepRepo
         "sparsity_after": round(zeros_after / total, 6) if total else 0.0,
         "zeros": zeros_after,
     }
-    return StepReport(op="finetune", method=step.method, details=details, notes=notes)
+    return StepReport(op="finetune", method=step.method, details=details)
 
 
 _TARGET_WORDS: dict[Objective, str] = {
