@@ -40,7 +40,7 @@ import transformers
 from torch import nn
 
 from app.errors import InvalidUpload
-from app.inspection.archive import safe_extract_archive
+from app.inspection.archive import DEFAULT_MAX_RATIO, DEFAULT_MAX_TOTAL_BYTES, safe_extract_archive
 from app.inspection.hf import (
     CODE_SUFFIXES,
     CONFIG,
@@ -103,7 +103,11 @@ def model_folder(path: Path) -> Path:
         return _extracted[key][1]
     dest = Path(tempfile.mkdtemp(prefix="hf-"))
     try:
-        written = safe_extract_archive(path, dest)
+        # The API checked this archive against the deployment's limits (the sandbox does not see its settings); the
+        # checks run again here, the total bounded by what the per-member ratio limit allows for this file.
+        written = safe_extract_archive(
+            path, dest, max_total_bytes=max(DEFAULT_MAX_TOTAL_BYTES, int(stat.st_size * DEFAULT_MAX_RATIO))
+        )
     except InvalidUpload as exc:
         shutil.rmtree(dest, ignore_errors=True)
         raise CompressionError(exc.code, f"the model archive cannot be unpacked: {exc.message}", exc.details) from exc
