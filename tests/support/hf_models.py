@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -99,10 +101,16 @@ def _train(folder: Path) -> None:
             opt.step()
             schedule.step()
     model.eval()
-    tmp = folder.with_name(folder.name + ".tmp")
+    # Written beside, then renamed: test sessions running at the same time may both train; the first rename wins.
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not folder.is_dir():
+            raise
 
 
 def classifier_folder() -> Path:
