@@ -62,7 +62,7 @@ from app.jobs.spec import (
     QuantizeInt8WeightOnly,
     parse_pattern,
 )
-from worker.compress.pruning import nm_mask, row_keep, step_masks
+from worker.compress.pruning import magnitude_report, nm_mask, row_keep, step_masks
 from worker.compress.types import CompressionError, EvalData, StepContext, StepReport
 
 transformers.utils.logging.set_verbosity_error()
@@ -494,20 +494,7 @@ class HfBackend:
             reduction_axes=dict.fromkeys(linears, 1),
         )
         layers, zeros, total = self._write_masked(folder, model, masks, dst)
-        return StepReport(
-            op="prune",
-            method="magnitude",
-            details={
-                "requested": step.target_sparsity,
-                "achieved": round(zeros / total, 6),
-                "scope": step.scope,
-                "pattern": step.pattern,
-                "overrides": dict(step.overrides),
-                "prunable_parameters": total,
-                "zeros": zeros,
-                "layers": layers,
-            },
-        )
+        return magnitude_report(step, layers, zeros, total)
 
     def prune_wanda(self, src: Path, dst: Path, step: PruneWanda, ctx: StepContext) -> StepReport:
         """Wanda (Sun et al. 2023): |W_ij| * ||X_j||_2 over the calibration tokens (padding left out), the lowest

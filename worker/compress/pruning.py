@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+
+from app.jobs.spec import PruneMagnitude
+from worker.compress.types import StepReport
 
 
 def magnitude_masks(
@@ -149,3 +152,24 @@ def row_keep(scores: np.ndarray, sparsity: float, k_axis: int) -> np.ndarray:
         order = np.argsort(rows, axis=1, kind="stable")[:, :drop]
         np.put_along_axis(keep, order, False, axis=1)
     return np.moveaxis(keep.reshape(np.moveaxis(scores, out, 0).shape), 0, out)
+
+
+def magnitude_report(
+    step: PruneMagnitude, layers: list[dict[str, Any]], zeros: int, total: int, notes: list[str] | None = None
+) -> StepReport:
+    """The report of a magnitude step on a torch-based format (pt2, TorchScript, hf): one shape for all three."""
+    return StepReport(
+        op="prune",
+        method="magnitude",
+        details={
+            "requested": step.target_sparsity,
+            "achieved": round(zeros / total, 6),
+            "scope": step.scope,
+            "pattern": step.pattern,
+            "overrides": dict(step.overrides),
+            "prunable_parameters": total,
+            "zeros": zeros,
+            "layers": layers,
+        },
+        notes=notes or [],
+    )

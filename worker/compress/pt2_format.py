@@ -50,7 +50,7 @@ from app.jobs.spec import (
     parse_pattern,
 )
 from worker.compress.backend import QuantizeStepT
-from worker.compress.pruning import step_masks
+from worker.compress.pruning import magnitude_report, step_masks
 from worker.compress.types import CompressionError, EvalData, StepContext, StepReport
 
 _WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
@@ -685,20 +685,7 @@ class Pt2Backend:
             reduction_axes={k: _reduction_axis(node) for k, node in nodes.items()},
         )
         layers, zeros, total = _write_masked(ep, weights, masks, dst)
-        return StepReport(
-            op="prune",
-            method="magnitude",
-            details={
-                "requested": step.target_sparsity,
-                "achieved": round(zeros / total, 6),
-                "scope": step.scope,
-                "pattern": step.pattern,
-                "overrides": dict(step.overrides),
-                "prunable_parameters": total,
-                "zeros": zeros,
-                "layers": layers,
-            },
-        )
+        return magnitude_report(step, layers, zeros, total)
 
     # Training steps live in pt2_training (it imports this module).
     def prune_gradient(self, src: Path, dst: Path, step: PruneGradient, ctx: StepContext) -> StepReport:

@@ -36,7 +36,7 @@ from app.inspection.torchscript import output_names, read_traced_inputs
 from app.jobs.spec import ConvertOnnx, PruneMagnitude, QuantizeBf16, QuantizeFp16, parse_pattern
 from worker.compress.backend import QuantizeStepT
 from worker.compress.convert import onnx_conversion_report
-from worker.compress.pruning import step_masks
+from worker.compress.pruning import magnitude_report, step_masks
 from worker.compress.types import CompressionError, EvalData, StepContext, StepReport
 
 _CONV_KINDS = {
@@ -446,21 +446,7 @@ class TorchScriptBackend:
                 layers.append({"name": key, "shape": list(t.shape), "sparsity": round(z / t.numel(), 6)})
             _save(module, dst)
         notes = _check_runs(dst, ctx.data if ctx else None)
-        return StepReport(
-            op="prune",
-            method="magnitude",
-            details={
-                "requested": step.target_sparsity,
-                "achieved": round(zeros / total, 6),
-                "scope": step.scope,
-                "pattern": step.pattern,
-                "overrides": dict(step.overrides),
-                "prunable_parameters": total,
-                "zeros": zeros,
-                "layers": layers,
-            },
-            notes=notes,
-        )
+        return magnitude_report(step, layers, zeros, total, notes)
 
     def quantize_fp16(self, src: Path, dst: Path, step: QuantizeFp16, ctx: StepContext | None = None) -> StepReport:
         return self._cast(src, dst, torch.float16, ctx)
