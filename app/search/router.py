@@ -5,7 +5,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, status
 
 from app.deps import CurrentUser, SessionDep, SettingsDep
-from app.jobs.router import to_public
+from app.jobs.views import to_public
 from app.queue import enqueue_job
 from app.responses import errors
 from app.search import service
