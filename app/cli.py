@@ -71,6 +71,15 @@ def serve(
 def worker_cmd(
     queues: Annotated[str, typer.Option(help="Comma-separated queues to consume: cpu, gpu.")] = "cpu",
     concurrency: Annotated[int, typer.Option(help="Worker processes (each runs one job at a time).")] = 1,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Compute threads per job (torch and ONNX Runtime). Default: OMP_NUM_THREADS if set, else the "
+            "cores this process may use divided by --concurrency (at least 1), so parallel jobs do not "
+            "oversubscribe the machine.",
+        ),
+    ] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Run a Celery worker (prefork: each job runs in a child process with time limits and recycling)."""
@@ -100,6 +109,12 @@ def worker_cmd(
     settings = get_settings()
     configure_logging(settings.log_format, settings.log_level)
     settings.resolved_work_dir.mkdir(parents=True, exist_ok=True)
+    # Every job's sandbox inherits OMP_NUM_THREADS (allow-listed): torch reads it at import, and the ONNX
+    # backends size their sessions from it (worker.compress.onnx_format.session_options).
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    else:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // concurrency)))
     # SIGTERM → soft shutdown (running job gets worker_soft_shutdown_s), then cold shutdown, which requeues it.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     wanted = [q.strip() for q in queues.split(",") if q.strip()]

@@ -120,7 +120,7 @@ class JobPublic(BaseModel):
     cache_hit: bool
     metrics: dict[str, Any] | None = Field(
         description="{baseline: {...}, result: {...}}: size, parameters, sparsity, accuracy, agreement, cosine, "
-        "max_abs_error, latency_ms {p50, p95, batch_size}, device, runtime."
+        "max_abs_error, latency_ms {p50, p95, batch_size, runs, threads (CPU)}, device, runtime."
     )
     report: dict[str, Any] | None = Field(description="Per-step details, notes and the environment.")
     artifacts: list[ArtifactPublic]

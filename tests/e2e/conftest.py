@@ -23,12 +23,16 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    """API (uvicorn) and one Celery worker as separate processes, on PostgreSQL and Redis."""
+def deployment(
+    service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Deployment]:
+    """API (uvicorn) and one Celery worker as separate processes, on PostgreSQL and Redis. A test module may add
+    worker options with a ``WORKER_ARGS`` tuple."""
     port = free_port()
     procs = Processes(tmp_path_factory.mktemp("e2e-logs"), dict(service_env))
     procs.start("api", "serve", "--no-worker", "--port", str(port))
-    procs.start("worker", "worker", "--queues", "cpu", "--concurrency", "1")
+    extra = getattr(request.module, "WORKER_ARGS", ())
+    procs.start("worker", "worker", "--queues", "cpu", "--concurrency", "1", *extra)
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base)

@@ -18,6 +18,9 @@ from tests.e2e.conftest import Deployment
 from tests.support.models import digits_npz_bytes, digits_onnx_bytes
 from tests.support.service import wait_for, wait_job
 
+# Trials of a search run in parallel across workers; each job computes with the threads its worker gives it.
+WORKER_ARGS = ("--threads", "1")
+
 
 def _upload(client: httpx.Client, path: str, data: bytes, filename: str) -> dict[str, Any]:
     r = client.post(path, files={"file": (filename, data)})
@@ -88,6 +91,8 @@ def test_search_with_a_one_point_budget_beats_every_single_recipe_and_keeps_its_
     for t in trials[:3]:
         job = client.get(f"/v1/jobs/{t['job_id']}").json()
         assert job["parent_id"] == search_id and job["kind"] == "compress"
+        # Measured with the one thread `squeeze worker --threads 1` gave it, and the report says so.
+        assert job["metrics"]["result"]["latency_ms"]["threads"] == 1
     front = result["pareto_front"]
     assert best["job_id"] in {p["job_id"] for p in front}
     for p in front:

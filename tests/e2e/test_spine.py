@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import uuid
 
 import numpy as np
@@ -64,6 +65,8 @@ def test_onnx_prune_quantize_roundtrip(deployment: Deployment) -> None:
     for key in ("agreement", "cosine", "max_abs_error", "latency_ms"):
         assert res[key] is not None
     assert res["latency_ms"]["p95"] >= res["latency_ms"]["p50"] > 0
+    # A worker with one job slot computes with every core it may use, and says how many.
+    assert res["latency_ms"]["threads"] == base["latency_ms"]["threads"] == len(os.sched_getaffinity(0))
 
     art = next(a for a in job["artifacts"] if a["kind"] == "model")
     body = _download(client, art)

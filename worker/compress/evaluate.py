@@ -85,12 +85,29 @@ def measure_latency(runner: Runner, batch: dict[str, np.ndarray], warmup: int, r
     else:
         times = device_call_times(lambda: runner(batch), "cpu", warmup, runs)
     arr = np.asarray(times)
-    return {
+    latency = {
         "p50": round(float(np.percentile(arr, 50)), 4),
         "p95": round(float(np.percentile(arr, 95)), 4),
         "batch_size": float(len(next(iter(batch.values())))),
         "runs": float(runs),
     }
+    threads = cpu_threads(runner) if runner.device == "cpu" else None
+    if threads:
+        latency["threads"] = float(threads)
+    return latency
+
+
+def cpu_threads(runner: Runner) -> int | None:
+    """The intra-op threads a CPU runner computes with (its latency depends on them): the ONNX Runtime session's
+    setting, or torch's. ``squeeze worker --threads`` sets them for every job."""
+    session = getattr(runner, "session", None)
+    if session is not None and hasattr(session, "get_session_options"):
+        return int(session.get_session_options().intra_op_num_threads) or None
+    if runner.runtime.startswith("torch"):
+        import torch
+
+        return torch.get_num_threads()
+    return None
 
 
 def device_call_times(call: Callable[[], object], device: str, warmup: int, runs: int) -> list[float]:

@@ -73,6 +73,24 @@ class _InputSpec:
     shape: list[int | None]  # None: symbolic or unknown
 
 
+def session_options() -> ort.SessionOptions:
+    """Session options for every ONNX Runtime session a job opens: errors-only logging, and as many intra-op
+    threads as the worker gave the job (``OMP_NUM_THREADS``, set by ``squeeze worker --threads``), so parallel jobs
+    on one machine do not each start a thread per core."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only; fallback notices would flood the worker log
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    # Set even without the variable (ORT's own default is a thread per physical core), so the latency reports
+    # can say how many threads they were measured with.
+    options.intra_op_num_threads = int(threads) if threads.isdigit() and int(threads) > 0 else cpu_cores()
+    return options
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0))
+
+
 class OnnxRunner:
     """An ONNX Runtime session behind the ``Runner`` protocol; inputs are cast to the dtypes the model wants."""
 
@@ -143,8 +161,7 @@ class OnnxBackend:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         else:
             providers = ["CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only; fallback notices would flood the worker log
+        options = session_options()
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # ORT's own exception types; its message is what the user can act on

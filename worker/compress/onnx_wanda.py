@@ -26,6 +26,7 @@ from worker.compress.onnx_format import (
     _prunable_initializers,
     _save_model,
     _scratch,
+    session_options,
 )
 from worker.compress.pruning import nm_mask, row_keep
 from worker.compress.types import CompressionError, EvalData, StepContext, StepReport
@@ -111,7 +112,7 @@ def _input_norms(
     path = scratch / "wanda_probe.onnx"
     _save_model(probe, path)
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(path), providers=providers)
+    session = ort.InferenceSession(str(path), sess_options=session_options(), providers=providers)
     specs = _graph_inputs(model)
     missing = [s.name for s in specs if s.name not in data.inputs]
     if missing:
