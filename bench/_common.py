@@ -178,12 +178,16 @@ class Deployment:
             raise RuntimeError(f"the API did not come up; its log:\n{self.procs.log('api')[-3000:]}") from None
         return proc
 
-    def start_worker(self, concurrency: int = 1) -> subprocess.Popen[bytes]:
-        proc = self.procs.start("worker", "worker", "--queues", "cpu", "--concurrency", str(concurrency))
+    def start_worker(
+        self, concurrency: int = 1, *, name: str = "worker", cpus: str | None = None, threads: int | None = None
+    ) -> subprocess.Popen[bytes]:
+        """``squeeze worker`` on the cpu queue; ``cpus``: pinned to those cores; ``threads``: its ``--threads``."""
+        args = ["worker", "--queues", "cpu", "--concurrency", str(concurrency)]
+        proc = self.procs.start(name, *args, *(["--threads", str(threads)] if threads else []), cpus=cpus)
         try:
-            wait_for(lambda: "ready." in self.procs.log("worker"), timeout=90, what="the worker to be ready")
+            wait_for(lambda: "ready." in self.procs.log(name), timeout=90, what=f"{name} to be ready")
         except TimeoutError:
-            raise RuntimeError(f"the worker did not start; its log:\n{self.procs.log('worker')[-3000:]}") from None
+            raise RuntimeError(f"{name} did not start; its log:\n{self.procs.log(name)[-3000:]}") from None
         return proc
 
     def start_script(self, name: str, script: Path, *args: str) -> subprocess.Popen[bytes]:

@@ -1,14 +1,17 @@
 """Accuracy-aware search: wall time with 1 vs 2 workers on the same search, and the model it finds vs the best
 fixed recipe a person would pick.
 
-    .venv/bin/python bench/search.py                       # digits CNN, 1-point accuracy budget (~5 min)
-    .venv/bin/python bench/search.py --model minilm --trials 10   # MiniLM, cosine >= 0.99 (~15 min)
+    .venv/bin/python bench/search.py                       # digits CNN, 1-point accuracy budget (~2 min)
+    .venv/bin/python bench/search.py --model minilm --trials 8 --once   # MiniLM, cosine >= 0.99
 
 What runs: `squeeze serve --no-worker` on a fresh PostgreSQL database with Redis, then the same search twice,
 each by a new user (trials are cached per user, so the second search reuses nothing): first with one
 `squeeze worker --concurrency 1`, then with a second such worker added. The ratio of the two wall times is the
-parallel speed-up (near 2x when trials dominate; this machine has 2 cores, and each trial's runtime also uses
-threads, so expect less). "Best fixed recipe": the best of the search's own single-method trials (each
+parallel speed-up. Workers are meant to run on separate machines; on this one, by default
+(`--cores-per-worker 1`), worker i is pinned to core i with `--threads 1`, i.e. two one-core machines, and the
+API, PostgreSQL, Redis and this client share those cores (they are not counted as a machine of their own).
+`--cores-per-worker 0`: no pinning, each worker's default threads. `--once`: only the 2-worker search (for
+found vs fixed; no speed-up). "Best fixed recipe": the best of the search's own single-method trials (each
 quantization alone: what a person would try first), which the search also ran.
 
 Targets: none enforced (exit 0); the figures go to docs/BENCHMARKS.md.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from datetime import datetime
 from typing import Any
 
 from _common import Deployment, add_common_args, header, print_table, wait_for
@@ -39,13 +43,43 @@ def run_search(d: Deployment, spec_extra: dict[str, Any], model_bytes: bytes, da
 
         body = wait_for(done, timeout=7200, interval=0.5, what="the search")
         body["wall_s"] = time.perf_counter() - started
+        # Where the wall time went: each trial job's queued -> started -> finished, from the service's own clock.
+        spans = []
+        for t in body["trials"]:
+            if t["job_id"]:
+                job = client.get(f"/v1/jobs/{t['job_id']}").raise_for_status().json()
+                if job["started_at"] and job["finished_at"]:
+                    spans.append(tuple(_ts(job[k]) for k in ("created_at", "started_at", "finished_at")))
+        search_job = body["job"]
+        t0, t1 = _ts(search_job["created_at"]), _ts(search_job["finished_at"] or search_job["created_at"])
+        body["timeline"] = {
+            "trial_s": sum(f - s for _, s, f in spans),
+            "queue_wait_s": sum(s - c for c, s, _ in spans),
+            "span_s": t1 - t0,
+            "planner_gap_s": _gaps(spans, t0, t1),
+        }
         return body
+
+
+def _ts(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def _gaps(spans: list[tuple[float, float, float]], t0: float, t1: float) -> float:
+    """Seconds of the search during which no trial ran at all (planning, dispatch, process start-up)."""
+    idle, edge = 0.0, t0
+    for _, start, finish in sorted(spans, key=lambda x: x[1]):
+        idle += max(0.0, start - edge)
+        edge = max(edge, finish)
+    return idle + max(0.0, t1 - edge)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", choices=("digits", "minilm"), default="digits")
     ap.add_argument("--trials", type=int, default=16, help="max_trials of the search (default 16)")
+    ap.add_argument("--cores-per-worker", type=int, default=1, help="pin each worker to this many cores (0: none)")
+    ap.add_argument("--once", action="store_true", help="run only the search with 2 workers")
     add_common_args(ap)
     args = ap.parse_args()
     header(f"search: {args.model}, 1 worker then 2 workers, max_trials {args.trials}", wait_quiet_s=args.wait_quiet)
@@ -62,14 +96,36 @@ def main() -> int:
         spec = {"constraint": {"min_cosine": 0.99}, "objective": "size"}
     spec["max_trials"] = args.trials
 
+    c = args.cores_per_worker
+
+    def pinning(i: int) -> dict[str, Any]:
+        return {"cpus": f"{i * c}-{i * c + c - 1}", "threads": c} if c else {}
+
     results = []
     with Deployment("search", pg=True, redis=True) as d:
         d.start_api()
-        d.start_worker(concurrency=1)
-        results.append(("1 worker", run_search(d, spec, model_bytes, data_bytes)))
-        d.procs.start("worker2", "worker", "--queues", "cpu", "--concurrency", "1")
-        wait_for(lambda: "ready." in d.procs.log("worker2"), timeout=90, what="the second worker")
+        d.start_worker(concurrency=1, **pinning(0))
+        if not args.once:
+            results.append(("1 worker", run_search(d, spec, model_bytes, data_bytes)))
+        d.start_worker(concurrency=1, name="worker2", **pinning(1))
         results.append(("2 workers", run_search(d, spec, model_bytes, data_bytes)))
+    print()
+    print_table(
+        ["run", "search s", "trials run s (sum)", "busy share", "no trial running s", "queue wait s (sum)"],
+        [
+            (
+                name,
+                f"{b['timeline']['span_s']:.1f}",
+                f"{b['timeline']['trial_s']:.1f}",
+                f"{b['timeline']['trial_s'] / (b['timeline']['span_s'] * (1 if name == '1 worker' else 2)):.2f}",
+                f"{b['timeline']['planner_gap_s']:.1f}",
+                f"{b['timeline']['queue_wait_s']:.1f}",
+            )
+            for name, b in results
+        ],
+    )
+    print("  busy share: trial seconds / (workers x search seconds); from the jobs' created/started/finished times.")
+    print(f"\nworkers: {f'each pinned to {c} core(s), --threads {c}' if c else 'not pinned, default threads'}")
 
     rows = []
     for name, body in results:
@@ -108,8 +164,9 @@ def main() -> int:
         ],
         rows,
     )
-    speedup = results[0][1]["wall_s"] / results[1][1]["wall_s"]
-    print(f"\nspeed-up with 2 workers: {speedup:.2f}x (wall time 1 worker / 2 workers)")
+    if len(results) == 2:
+        speedup = results[0][1]["wall_s"] / results[1][1]["wall_s"]
+        print(f"\nspeed-up with 2 workers: {speedup:.2f}x (wall time 1 worker / 2 workers)")
     for name, body in results:
         print(f"{name}: {(body['result'] or {}).get('statement')}")
     return 0

@@ -45,10 +45,12 @@ class Processes:
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *args: str, cpus: str | None = None) -> subprocess.Popen[bytes]:
+        """``squeeze *args``; with ``cpus`` (a taskset list such as "0" or "0-1"), it and all its children run on
+        those cores only (benchmarks simulate one machine per worker that way)."""
         log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the process
         proc = subprocess.Popen(
-            [*SQUEEZE, *args],
+            [*(["taskset", "-c", cpus] if cpus else []), *SQUEEZE, *args],
             cwd=ROOT,
             env=self.env,
             stdout=log,
