@@ -17,17 +17,20 @@ import pytest
 import torch
 
 from app.jobs.spec import (
+    EvalOptions,
     Finetune,
     PruneGradient,
     PruneMagnitude,
     PruneRegularized,
     QuantizeBf16,
     QuantizeInt4WeightOnly,
+    QuantizeInt8Static,
     QuantizeInt8WeightOnly,
 )
 from tests.support.models import ROOT, digits_arrays, digits_pt2_bytes
 from worker.compress.backend import get_backend
 from worker.compress.evaluate import compare, run_batched
+from worker.compress.pipeline import run_pipeline
 from worker.compress.types import CompressionError, EvalData, StepContext
 
 DIGITS_PARAMETERS = 16 * 9 + 16 + 32 * 16 * 9 + 32 + 64 * 512 + 64 + 10 * 64 + 10
@@ -222,6 +225,38 @@ def test_finetune_of_a_fixed_batch_program(backend, model: Path, tmp_path: Path,
     assert report.details["sparsity_after"] == report.details["sparsity_before"]
     assert report.details["agreement_after"] > report.details["agreement_before"]
     assert backend.open_runner(dst, "cpu").fixed_batch == 8
+
+
+def test_a_train_dataset_feeds_the_training_steps_only(model: Path, tmp_path: Path, data: EvalData) -> None:
+    """With the job's train dataset (the 1400 training digits), gradient and regularized pruning train on all of it,
+    before/after are measured on all of the job's dataset, and calibration keeps using the job's dataset."""
+    x_train, y_train, _, _ = digits_arrays()
+    steps = [
+        PruneGradient(method="gradient", sparsity=0.5, samples=256),
+        PruneRegularized(method="regularized", sparsity=0.8, epochs=1),
+        QuantizeInt8Static(method="int8_static", calibration_samples=32),
+    ]
+    result = run_pipeline(
+        model_path=model,
+        fmt="pt2",
+        steps=steps,
+        data=data,
+        train_data=EvalData({"input": x_train}, y_train),
+        options=EvalOptions(latency_runs=1, warmup_runs=0, layer_sensitivity="off"),
+        device="cpu",
+        workdir=tmp_path,
+    )
+    gradient, regularized, static = result.steps
+    assert gradient.details["saliency_samples"] == 256
+    assert gradient.notes == [
+        "prune/gradient: saliency accumulated on 256 samples of the train dataset (train_dataset_id)."
+    ]
+    assert regularized.details["train_samples"] == 1400
+    assert regularized.details["measured_on"].startswith("before/after measured on all 397 samples")
+    assert "train_dataset_id, 1400 samples" in regularized.notes[0]
+    assert regularized.details["accuracy_trained"] > 0.9  # 1 epoch on the training digits, on the held-out ones
+    assert static.notes[-1].startswith("quantize/int8_static used the job's dataset_id, not its train_dataset_id")
+    assert result.result is not None and result.result.samples == 397
 
 
 # --- weight-only quantization ---------------------------------------------------------------------

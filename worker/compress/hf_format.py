@@ -408,15 +408,15 @@ class HfProgram:
     def __post_init__(self) -> None:
         self.names = _accepted_inputs(self.model)
 
-    def forward(self, idx: np.ndarray) -> list[torch.Tensor]:
-        feed = _feed(self.names, {k: v[idx] for k, v in self.data.inputs.items()}, "cpu")
+    def forward(self, idx: np.ndarray, data: EvalData | None = None) -> list[torch.Tensor]:
+        feed = _feed(self.names, {k: v[idx] for k, v in (data or self.data).inputs.items()}, "cpu")
         return [_primary(self.model, self.model(**feed))]
 
-    def outputs(self, idx: np.ndarray) -> list[np.ndarray]:
+    def outputs(self, idx: np.ndarray, data: EvalData | None = None) -> list[np.ndarray]:
         chunks = []
         with torch.no_grad():
             for start in range(0, len(idx), 256):
-                chunks.append(self.forward(idx[start : start + 256])[0].detach().float().numpy())
+                chunks.append(self.forward(idx[start : start + 256], data)[0].detach().float().numpy())
         return [np.concatenate(chunks)]
 
     def trainable(self) -> dict[str, nn.Parameter]:
@@ -707,14 +707,13 @@ def _half(src: Path, dst: Path, method: str, dtype: torch.dtype) -> StepReport:
 def _finetune(src: Path, dst: Path, step: Finetune, ctx: StepContext) -> StepReport:
     """Recover accuracy after pruning (labels or distillation from the original's outputs); zeros stay zero.
 
-    The training loop and the report are pt2_training's (Adam, masked gradients, fixed seeds, held-out 20%), run
-    on the transformers model in eval mode (dropout off, as for .pt2 programs).
+    The training loop and the report are pt2_training's (Adam, masked gradients, fixed seeds, held-out 20% or the
+    job's train dataset), run on the transformers model in eval mode (dropout off, as for .pt2 programs).
     """
     from worker.compress.pt2_training import finetune_steps
 
-    if ctx.data is None:
+    if ctx.data is None:  # before loading the model
         raise CompressionError("dataset_required", f"finetune/{step.method} trains on the job's dataset; it has none")
-    data = ctx.data
     folder = model_folder(src)
     model = load_model(folder)
 
@@ -725,10 +724,9 @@ def _finetune(src: Path, dst: Path, step: Finetune, ctx: StepContext) -> StepRep
     return finetune_steps(
         step,
         ctx,
-        data,
-        build=lambda: HfProgram(model, data),
+        build=lambda data: HfProgram(model, data),
         save=save,
-        reload=lambda: HfProgram(load_model(model_folder(dst)), data),
+        reload=lambda data: HfProgram(load_model(model_folder(dst)), data),
     )
 
 

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from app.jobs.spec import EvalOptions, Step
+from app.jobs.spec import EvalOptions, Step, trains
 from worker.compress import evaluate
 from worker.compress.backend import FormatBackend, get_backend
 from worker.compress.types import (
+    MAX_TRAIN_SAMPLES,
     CompressionError,
     EvalData,
     ModelMetrics,
@@ -123,8 +124,12 @@ def run_pipeline(
     device: str,
     workdir: Path,
     progress: ProgressFn = _noop,
+    train_data: EvalData | None = None,
 ) -> PipelineResult:
-    """Baseline → each step in order → result, all measured on ``device`` with the same data and options."""
+    """Baseline → each step in order → result, all measured on ``device`` with the same data and options.
+
+    ``train_data``: what the training steps train on (the job's train dataset); everything else uses ``data``.
+    """
     backend = get_backend(fmt)
     if data is not None and data.num_samples > options.max_samples:
         data = data.head(options.max_samples)
@@ -146,8 +151,24 @@ def run_pipeline(
         notes += layer_sensitivity(backend, model_path, steps, data, options, device, baseline, workdir)
         stage += 1
 
+    train_reference = None
+    if train_data is not None:
+        if train_data.num_samples > MAX_TRAIN_SAMPLES:
+            notes.append(
+                f"The train dataset has {train_data.num_samples} samples; training steps use the first "
+                f"{MAX_TRAIN_SAMPLES}."
+            )
+            train_data = train_data.head(MAX_TRAIN_SAMPLES)
+        train_reference = _train_reference(backend, model_path, device, train_data, options)
     ctx = StepContext(
-        data=data, device=device, original=model_path, original_format=fmt, workdir=workdir, reference=reference
+        data=data,
+        device=device,
+        original=model_path,
+        original_format=fmt,
+        workdir=workdir,
+        reference=reference,
+        train_data=train_data,
+        train_reference=train_reference,
     )
     reports: list[StepReport] = []
     current = model_path
@@ -156,7 +177,13 @@ def run_pipeline(
         stage += 1
         out_backend = get_backend(_produces(backend.name, step))
         dst = workdir / f"step{i}{out_backend.suffix}"
+        calibrates = train_data is not None and not trains(step) and _needs_dataset(backend.name, step)
         report = apply_step(backend, step, current, dst, ctx)
+        if calibrates:
+            report.notes.append(
+                f"{step.op}/{step.method} used the job's dataset_id, not its train_dataset_id: only the training "
+                "steps train on train_dataset_id."
+            )
         if report.output_format is not None and report.output_format != backend.name:
             out_backend = get_backend(report.output_format)
         backend = out_backend
@@ -200,6 +227,22 @@ def _produces(fmt: str, step: Step) -> str:
 
     info = method_info(fmt, step.op, step.method) or {}
     return str(info.get("produces", fmt))
+
+
+def _needs_dataset(fmt: str, step: Step) -> bool:
+    from app.jobs.capabilities import method_info
+
+    return bool((method_info(fmt, step.op, step.method) or {}).get("needs_dataset"))
+
+
+def _train_reference(
+    backend: FormatBackend, path: Path, device: str, data: EvalData, options: EvalOptions
+) -> list[np.ndarray]:
+    """The original's outputs on the train dataset, once: the distillation targets of every training step."""
+    try:
+        return run_on_data(backend.open_runner(path, device), data, options)
+    except CompressionError as exc:
+        raise CompressionError(exc.code, exc.message.replace("the dataset", "the train dataset"), exc.details) from exc
 
 
 def _sensitivity_wanted(options: EvalOptions, data: EvalData | None, steps: list[Step]) -> bool:

@@ -12,6 +12,11 @@ teacher: a 2-D primary (first) output counts as logits (the project's convention
 ``agreement``) and gets Hinton's KL(teacher || student) on softmax(x / T), times T^2; every other float output
 (embeddings, hidden states) gets MSE.
 
+Data. Without a train dataset a step trains on a seeded 80% of the job's data and reports before/after on the other
+20%. With one (``StepContext.train_data``, the job's ``train_dataset_id``) it trains on all of it, with the
+original's outputs on it (``StepContext.train_reference``) as the teacher, and reports before/after on all of the
+job's data (``dataset_id``); see ``training_plan``.
+
 Work is bounded: at most ``MAX_TRAIN_SAMPLES`` samples, the spec's epoch caps, fixed seeds (results are
 reproducible on one machine). On a CUDA job the training runs on the GPU, on a copy of the program; the trained
 values are written back into the program, which is saved from the CPU as it came.
@@ -46,9 +51,8 @@ from worker.compress.pt2_format import (
     _torch_errors,
     _write_masked,
 )
-from worker.compress.types import CompressionError, EvalData, StepContext, StepReport
+from worker.compress.types import MAX_TRAIN_SAMPLES, CompressionError, EvalData, StepContext, StepReport
 
-MAX_TRAIN_SAMPLES = 20_000
 HOLDOUT_SHARE = 0.2
 MIN_SAMPLES_FOR_HOLDOUT = 50  # below this, before/after are measured on the training data itself
 SALIENCY_BATCH = 32
@@ -83,12 +87,14 @@ class Program:
         self.fixed_batch = _fixed_batch(self.ep)
         self._binder = _InputBinder(self.ep)
 
-    def forward(self, idx: np.ndarray) -> list[torch.Tensor]:
-        args, kwargs = self._binder.bind({k: v[idx] for k, v in self.data.inputs.items()}, self.device)
+    def forward(self, idx: np.ndarray, data: EvalData | None = None) -> list[torch.Tensor]:
+        """Outputs on the samples ``idx`` of ``data`` (default: the data the program is bound to and trains on)."""
+        inputs = (data or self.data).inputs
+        args, kwargs = self._binder.bind({k: v[idx] for k, v in inputs.items()}, self.device)
         return [t for t in pytree.tree_leaves(self.module(*args, **kwargs)) if isinstance(t, torch.Tensor)]
 
-    def outputs(self, idx: np.ndarray) -> list[np.ndarray]:
-        """Outputs on the samples ``idx`` (a fixed batch is padded as the evaluation does)."""
+    def outputs(self, idx: np.ndarray, data: EvalData | None = None) -> list[np.ndarray]:
+        """Outputs on the samples ``idx`` of ``data`` (a fixed batch is padded as the evaluation does)."""
         real = len(idx)
         chunks: list[list[np.ndarray]] = []
         bs = self.fixed_batch or EVAL_BATCH
@@ -98,7 +104,7 @@ class Program:
                 n = len(part)
                 if self.fixed_batch and n < self.fixed_batch:
                     part = np.concatenate([part, np.repeat(part[:1], self.fixed_batch - n)])
-                chunks.append([t.detach().float().cpu().numpy()[:n] for t in self.forward(part)])
+                chunks.append([t.detach().float().cpu().numpy()[:n] for t in self.forward(part, data)])
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(chunks[0]))]
 
     def trainable(self) -> dict[str, torch.nn.Parameter]:
@@ -139,6 +145,50 @@ def split(n: int) -> Split:
         return Split(order[:MAX_TRAIN_SAMPLES], order, False)
     cut = max(1, round(n * HOLDOUT_SHARE))
     return Split(order[cut:][:MAX_TRAIN_SAMPLES], np.sort(order[:cut]), True)
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a training step trains on (``train`` at ``train_idx``, the original's outputs there as ``teacher``)
+    and where it measures before/after (``measure`` at ``measure_idx``, the original's outputs there as
+    ``reference``); ``notes`` say which data was used where that is not the default split."""
+
+    train: EvalData
+    train_idx: np.ndarray
+    teacher: list[np.ndarray] | None
+    measure: EvalData
+    measure_idx: np.ndarray
+    reference: list[np.ndarray] | None
+    measured_on: str
+    notes: list[str]
+
+
+def training_plan(ctx: StepContext, what: str) -> TrainingPlan:
+    """80% / 20% of the job's dataset; or, with a train dataset, all of it to train and all of the dataset to
+    measure (the two are the user's own split, so no sample is held back)."""
+    if ctx.data is None:
+        raise CompressionError("dataset_required", f"{what} trains on the job's dataset; the job has none")
+    if ctx.train_data is None:
+        parts = split(ctx.data.num_samples)
+        return TrainingPlan(
+            ctx.data, parts.train, ctx.reference, ctx.data, parts.measure, ctx.reference, parts.describe(), []
+        )
+    train, measure = ctx.train_data, ctx.data
+    n_train = min(train.num_samples, MAX_TRAIN_SAMPLES)
+    return TrainingPlan(
+        train,
+        np.arange(n_train),
+        ctx.train_reference,
+        measure,
+        np.arange(measure.num_samples),
+        ctx.reference,
+        f"before/after measured on all {measure.num_samples} samples of the job's dataset (dataset_id); trained on "
+        f"{n_train} samples of its train dataset (train_dataset_id). The job's final metrics use dataset_id.",
+        [
+            f"{what} trained on the job's train dataset (train_dataset_id, {n_train} samples); its "
+            f"before/after and the job's metrics are measured on dataset_id ({measure.num_samples} samples)."
+        ],
+    )
 
 
 @dataclass(frozen=True)
@@ -320,10 +370,13 @@ def train(
     return TrainResult(epochs, steps, len(train_idx), losses[0], losses[-1])
 
 
-def quality(prog: Program, idx: np.ndarray, reference: list[np.ndarray] | None) -> dict[str, float | None]:
-    """Accuracy (with labels and logits) and fidelity to the original (cosine, top-1 agreement) on ``idx``."""
-    outputs = prog.outputs(idx)
-    labels = prog.data.labels[idx] if prog.data.labels is not None else None
+def quality(
+    prog: Program, data: EvalData, idx: np.ndarray, reference: list[np.ndarray] | None
+) -> dict[str, float | None]:
+    """Accuracy (with labels and logits) and fidelity to the original (cosine, top-1 agreement) on the samples
+    ``idx`` of ``data`` (``reference``: the original's outputs on ``data``)."""
+    outputs = prog.outputs(idx, data)
+    labels = data.labels[idx] if data.labels is not None else None
     result: dict[str, float | None] = {"accuracy": evaluate.accuracy(outputs, labels)}
     if reference is not None:
         fid = evaluate.compare([r[idx] for r in reference], outputs, labels)
@@ -348,20 +401,14 @@ def rounded(values: dict[str, float | None], suffix: str) -> dict[str, float | N
 # Steps (Pt2Backend's prune_gradient, prune_regularized, finetune_* call these)
 
 
-def _job_data(ctx: StepContext, what: str) -> tuple[EvalData, list[str]]:
-    if ctx.data is None:
-        raise CompressionError("dataset_required", f"{what} trains on the job's dataset; the job has none")
-    return ctx.data, []
-
-
 def prune_gradient(src: Path, dst: Path, step: PruneGradient, ctx: StepContext) -> StepReport:
     """Zero the weights with the lowest accumulated |w * dL/dw| (global or per layer, with overrides)."""
-    data, notes = _job_data(ctx, "prune/gradient")
+    plan = training_plan(ctx, "prune/gradient")
     ep = _load(src)
     nodes, weights = _prunable_weights(ep)
-    targets = targets_for("saliency", data, ctx.reference)
+    targets = targets_for("saliency", plan.train, plan.teacher)
     with _torch_errors("training_failed", "accumulating gradient saliency"):
-        scores, used = saliency(Program(ep, data, ctx.device), targets, list(weights), step.samples)
+        scores, used = saliency(Program(ep, plan.train, ctx.device), targets, list(weights), step.samples)
     masks = step_masks(
         scores,
         sparsity=step.sparsity,
@@ -381,29 +428,31 @@ def prune_gradient(src: Path, dst: Path, step: PruneGradient, ctx: StepContext) 
         "zeros": zeros,
         "layers": layers,
     }
+    notes = []
+    if ctx.train_data is not None:
+        notes.append(f"prune/gradient: saliency accumulated on {used} samples of the train dataset (train_dataset_id).")
     return StepReport(op="prune", method="gradient", details=details, notes=notes)
 
 
 def prune_regularized(src: Path, dst: Path, step: PruneRegularized, ctx: StepContext) -> StepReport:
     """Train with an L1/L2 penalty on the prunable weights (zeros kept), then zero the smallest to ``sparsity``."""
-    data, notes = _job_data(ctx, "prune/regularized")
+    plan = training_plan(ctx, "prune/regularized")
     ep = _load(src)
     nodes, _ = _prunable_weights(ep)
-    targets = targets_for("auto", data, ctx.reference, temperature=2.0)
-    parts = split(data.num_samples)
+    targets = targets_for("auto", plan.train, plan.teacher, temperature=2.0)
     with _torch_errors("training_failed", "prune/regularized training"):
-        prog = Program(ep, data, ctx.device)
-        before = quality(prog, parts.measure, ctx.reference)
+        prog = Program(ep, plan.train, ctx.device)
+        before = quality(prog, plan.measure, plan.measure_idx, plan.reference)
         result = train(
             prog,
             targets,
-            parts.train,
+            plan.train_idx,
             epochs=step.epochs,
             lr=step.lr,
             batch_size=step.batch_size,
             penalty=(step.penalty, step.strength, list(nodes)),
         )
-        trained = quality(prog, parts.measure, ctx.reference)
+        trained = quality(prog, plan.measure, plan.measure_idx, plan.reference)
     _, weights = _prunable_weights(ep)  # the trained values, written back into the program
     masks = step_masks(
         {k: np.abs(t.detach().float().cpu().numpy()) for k, t in weights.items()},
@@ -411,7 +460,7 @@ def prune_regularized(src: Path, dst: Path, step: PruneRegularized, ctx: StepCon
         scope=step.scope,
     )
     layers, zeros, total = _write_masked(ep, weights, masks, dst)
-    after = quality(Program(_load(dst), data, ctx.device), parts.measure, ctx.reference)
+    after = quality(Program(_load(dst), plan.train, ctx.device), plan.measure, plan.measure_idx, plan.reference)
     details = {
         "requested": step.sparsity,
         "achieved": round(zeros / total, 6),
@@ -425,62 +474,58 @@ def prune_regularized(src: Path, dst: Path, step: PruneRegularized, ctx: StepCon
         **rounded(before, "before"),
         **rounded(trained, "trained"),
         **rounded(after, "after"),
-        "measured_on": parts.describe(),
+        "measured_on": plan.measured_on,
         "prunable_parameters": total,
         "zeros": zeros,
         "layers": layers,
     }
-    notes.append(
+    notes = [
+        *plan.notes,
         "prune/regularized: *_before is the input model, *_trained after the penalised training, *_after after "
-        "thresholding to the requested sparsity. Add a finetune step to recover accuracy lost at the threshold."
-    )
+        "thresholding to the requested sparsity. Add a finetune step to recover accuracy lost at the threshold.",
+    ]
     return StepReport(op="prune", method="regularized", details=details, notes=notes)
 
 
 def finetune(src: Path, dst: Path, step: Finetune, ctx: StepContext) -> StepReport:
     """Recover accuracy: train on labels or distil from the original; exact zeros stay zero."""
-    data, notes = _job_data(ctx, f"finetune/{step.method}")
     ep = _load(src)
 
     def save() -> None:
         _save(ep, dst)
         _check_runs(dst)
 
-    report = finetune_steps(
+    return finetune_steps(
         step,
         ctx,
-        data,
-        build=lambda: Program(ep, data, ctx.device),
+        build=lambda data: Program(ep, data, ctx.device),
         save=save,
-        reload=lambda: Program(_load(dst), data, ctx.device),
+        reload=lambda data: Program(_load(dst), data, ctx.device),
     )
-    report.notes[:0] = notes
-    return report
 
 
 def finetune_steps(
     step: Finetune,
     ctx: StepContext,
-    data: EvalData,
     *,
-    build: Callable[[], Any],
+    build: Callable[[EvalData], Any],
     save: Callable[[], None],
-    reload: Callable[[], Any],
+    reload: Callable[[EvalData], Any],
 ) -> StepReport:
-    """The fine-tuning step on any model with ``Program``'s interface (``build`` makes it, ``save`` writes and checks
-    the trained model, ``reload`` reads the written one back): train, then measure before/after on the hold-out and
-    confirm the zeros are where they were. Shared by the pt2 and hf backends."""
-    targets = targets_for(step.method, data, ctx.reference, step.temperature)
-    parts = split(data.num_samples)
+    """The fine-tuning step on any model with ``Program``'s interface (``build`` makes it on the training data,
+    ``save`` writes and checks the trained model, ``reload`` reads the written one back): train, then measure
+    before/after (``training_plan``) and confirm the zeros are where they were. Shared by the pt2 and hf backends."""
+    plan = training_plan(ctx, f"finetune/{step.method}")
+    targets = targets_for(step.method, plan.train, plan.teacher, step.temperature)
     with _torch_errors("training_failed", f"finetune/{step.method}"):
-        prog = build()
+        prog = build(plan.train)
         zeros_before, total = sparsity(prog)
-        before = quality(prog, parts.measure, ctx.reference)
-        result = train(prog, targets, parts.train, epochs=step.epochs, lr=step.lr, batch_size=step.batch_size)
+        before = quality(prog, plan.measure, plan.measure_idx, plan.reference)
+        result = train(prog, targets, plan.train_idx, epochs=step.epochs, lr=step.lr, batch_size=step.batch_size)
         save()
-    tuned = reload()
+    tuned = reload(plan.train)
     zeros_after, _ = sparsity(tuned)
-    after = quality(tuned, parts.measure, ctx.reference)
+    after = quality(tuned, plan.measure, plan.measure_idx, plan.reference)
     if zeros_after != zeros_before:  # masks make this impossible; a broken invariant must not pass silently
         raise CompressionError("internal_error", f"fine-tuning changed the zeros: {zeros_before} -> {zeros_after}")
     details = {
@@ -491,12 +536,12 @@ def finetune_steps(
         **result.as_dict(),
         **rounded(before, "before"),
         **rounded(after, "after"),
-        "measured_on": parts.describe(),
+        "measured_on": plan.measured_on,
         "sparsity_before": round(zeros_before / total, 6) if total else 0.0,
         "sparsity_after": round(zeros_after / total, 6) if total else 0.0,
         "zeros": zeros_after,
     }
-    return StepReport(op="finetune", method=step.method, details=details)
+    return StepReport(op="finetune", method=step.method, details=details, notes=plan.notes)
 
 
 _TARGET_WORDS: dict[Objective, str] = {

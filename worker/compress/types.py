@@ -12,6 +12,9 @@ import numpy as np
 ProgressFn = Callable[[float, str], None]
 """progress(fraction 0..1 of the whole pipeline, stage name)."""
 
+MAX_TRAIN_SAMPLES = 20_000
+"""A training step trains on at most this many samples (of the job's train dataset, or of its dataset's 80%)."""
+
 
 class CompressionError(Exception):
     """A job failed for a reason the user can act on. ``code`` is machine-readable (snake_case)."""
@@ -63,7 +66,11 @@ class StepReport:
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a step may need besides its input file: the data, the device, the original model (a teacher)."""
+    """What a step may need besides its input file: the data, the device, the original model (a teacher).
+
+    ``train_data`` is the job's train dataset, if it has one: training steps train on all of it (instead of 80% of
+    ``data``) and measure before/after on ``data``; every other step, calibration included, uses ``data``.
+    """
 
     data: EvalData | None
     device: str
@@ -71,6 +78,8 @@ class StepContext:
     original_format: str
     workdir: Path
     reference: list[np.ndarray] | None = None  # the original's outputs on ``data`` (targets without labels)
+    train_data: EvalData | None = None
+    train_reference: list[np.ndarray] | None = None  # the original's outputs on ``train_data``
 
 
 @dataclass
