@@ -100,6 +100,10 @@ class CompressionJob(Base):
     dataset_id: Mapped[str | None] = mapped_column(
         ForeignKey("dataset_uploads.id", ondelete="SET NULL"), index=True, nullable=True
     )
+    # The spec's train_dataset_id as a column, so a dataset a queued or running job trains on cannot be deleted.
+    train_dataset_id: Mapped[str | None] = mapped_column(
+        ForeignKey("dataset_uploads.id", ondelete="SET NULL"), index=True, nullable=True
+    )
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
     # "compress": a pipeline a worker runs; "search": a coordinator whose trials are compress jobs (parent_id).
     kind: Mapped[str] = mapped_column(String(16), default="compress", server_default="compress")

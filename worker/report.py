@@ -28,11 +28,18 @@ def render_markdown(report: dict[str, Any]) -> str:
     inputs = report.get("inputs") or {}
     model = inputs.get("model") or {}
     dataset = inputs.get("dataset")
+    train = inputs.get("train_dataset")
     lines = [
         f"# Squeeze report: job {report.get('job_id', '?')}",
         "",
         f"Model `{model.get('id', '?')}` ({model.get('format', '?')}, sha256 `{model.get('sha256', '?')}`)"
         + (f", dataset `{dataset['id']}` (sha256 `{dataset['sha256']}`)" if dataset else ", no dataset")
+        + (
+            f", train dataset `{train['id']}` (sha256 `{train['sha256']}`; only the training steps train on it, "
+            "every metric below is on the dataset)"
+            if train
+            else ""
+        )
         + f". Measured on `{report.get('device', '?')}`.",
         "",
         "## Before and after",

@@ -318,12 +318,17 @@ def _run(job_id: str, workdir: Path) -> None:
         spec = JobSpec.model_validate(job.spec)
         model = s.get(ModelUpload, job.model_id) if job.model_id else None
         dataset = s.get(DatasetUpload, job.dataset_id) if job.dataset_id else None
+        train_dataset = s.get(DatasetUpload, job.train_dataset_id) if job.train_dataset_id else None
         owner_id = job.owner_id
         s.expunge_all()
     if model is None:
         from worker.compress.types import CompressionError
 
         raise CompressionError("model_not_found", "the job's model was deleted before the job ran")
+    if spec.train_dataset_id is not None and train_dataset is None:
+        from worker.compress.types import CompressionError
+
+        raise CompressionError("dataset_not_found", "the job's train dataset was deleted before the job ran")
     progress = ProgressReporter(job_id)
     progress(0.0, "loading")
     model_path = materialize_model(model, workdir)
@@ -332,6 +337,7 @@ def _run(job_id: str, workdir: Path) -> None:
         "format": model.format,
         "model_path": str(model_path),
         "dataset": dataset_request(dataset, model) if dataset is not None else None,
+        "train_dataset": dataset_request(train_dataset, model) if train_dataset is not None else None,
         "workdir": str(workdir),
     }
     started = time.perf_counter()
@@ -357,6 +363,11 @@ def _run(job_id: str, workdir: Path) -> None:
         "inputs": {
             "model": {"id": model.id, "sha256": model.sha256, "format": model.format},
             "dataset": {"id": dataset.id, "sha256": dataset.sha256} if dataset else None,
+            **(
+                {"train_dataset": {"id": train_dataset.id, "sha256": train_dataset.sha256}}
+                if train_dataset is not None
+                else {}
+            ),
         },
         "device": device,
         "steps": result["steps"],

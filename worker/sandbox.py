@@ -216,17 +216,18 @@ def child_main() -> int:
     request = json.loads(sys.stdin.read())
     try:
         from worker.compress.pipeline import run_pipeline
+        from worker.compress.types import MAX_TRAIN_SAMPLES
 
         spec = JobSpec.model_validate(request["spec"])
         steps = spec.effective_steps()
         device = _resolve_device(spec.device, steps, request["format"])
+        model_path, fmt = Path(request["model_path"]), request["format"]
         result = run_pipeline(
-            model_path=Path(request["model_path"]),
-            fmt=request["format"],
+            model_path=model_path,
+            fmt=fmt,
             steps=steps,
-            data=_load_data(
-                request["dataset"], Path(request["model_path"]), request["format"], spec.evaluation.max_samples
-            ),
+            data=_load_data(request["dataset"], model_path, fmt, spec.evaluation.max_samples),
+            train_data=_load_data(request.get("train_dataset"), model_path, fmt, MAX_TRAIN_SAMPLES),
             options=spec.evaluation,
             device=device,
             workdir=Path(request["workdir"]),

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from app import idempotency
 from app.config import Settings
-from app.errors import InvalidSpec, InvalidUpload
+from app.errors import InvalidSpec, InvalidUpload, NotFound
 from app.jobs.capabilities import plan_formats
 from app.jobs.events import add_event
-from app.jobs.spec import JobSpec
+from app.jobs.spec import TRAINING_STEPS, JobSpec, Step, trains
 from app.ownership import get_owned, list_owned
 from app.quotas import check_job_slots
 from app.tables import Artifact, CompressionJob, DatasetUpload, ModelUpload, User, utcnow
@@ -24,19 +24,24 @@ from app.workers.service import require_device
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-def validate_spec(
-    session: Session, settings: Settings, *, spec: JobSpec, user: User
-) -> tuple[ModelUpload, DatasetUpload | None]:
+class JobInputs(NamedTuple):
+    model: ModelUpload
+    dataset: DatasetUpload | None
+    train_dataset: DatasetUpload | None
+
+
+def validate_spec(session: Session, settings: Settings, *, spec: JobSpec, user: User) -> JobInputs:
     """Everything that can be known before a worker sees the job; raises 404/422 with what to change."""
     model = get_owned(session, ModelUpload, spec.model_id, user, "model")
     dataset = get_owned(session, DatasetUpload, spec.dataset_id, user, "dataset") if spec.dataset_id else None
+    steps = spec.effective_steps()
+    train_dataset = _train_dataset(session, spec=spec, steps=steps, dataset=dataset, user=user)
     if spec.notify_url is not None:
         check_notify_url(spec.notify_url, settings)
     if spec.device == "cuda":
         # The registry decides: a live worker must offer cuda now. cpu/auto jobs are accepted with no live worker
         # (one may be starting, as `squeeze serve` starts its own) and wait in the queue.
         require_device(session, "cuda")
-    steps = spec.effective_steps()
     if not steps and dataset is None:
         raise InvalidSpec(
             "a job without steps only evaluates the model, so it needs a dataset_id", code="dataset_required"
@@ -61,11 +66,14 @@ def validate_spec(
                 code="dataset_required",
                 details={"step": i},
             )
-        if info.get("needs_labels") and not (dataset is not None and dataset.has_labels):
+        on_train = train_dataset is not None and trains(step)
+        trained_on = train_dataset if on_train else dataset
+        if info.get("needs_labels") and not (trained_on is not None and trained_on.has_labels):
             raise InvalidSpec(
-                f"steps[{i}]: {step.op}/{step.method} trains on labels: use a dataset with a `labels` array",
+                f"steps[{i}]: {step.op}/{step.method} trains on labels: use a {'train ' if on_train else ''}dataset "
+                "with a `labels` array",
                 code="labels_required",
-                details={"step": i},
+                details={"step": i, "field": "train_dataset_id" if on_train else "dataset_id"},
             )
         if spec.device == "cuda" and "cuda" not in info["devices"]:
             raise InvalidSpec(
@@ -73,14 +81,48 @@ def validate_spec(
                 code="method_not_supported",
                 details={"step": i, "device": "cuda"},
             )
-    if dataset is not None:
-        from app.inspection import check_dataset_for_model
+    for field, data in (("dataset_id", dataset), ("train_dataset_id", train_dataset)):
+        if data is not None:
+            _check_fits(model, data, field)
+    return JobInputs(model, dataset, train_dataset)
 
-        try:
-            check_dataset_for_model(_model_inspection(model), _dataset_inspection(dataset))
-        except InvalidUpload as exc:
-            raise InvalidSpec(exc.message, code=exc.code, details=exc.details) from exc
-    return model, dataset
+
+def _train_dataset(
+    session: Session, *, spec: JobSpec, steps: list[Step], dataset: DatasetUpload | None, user: User
+) -> DatasetUpload | None:
+    """The job's training data, if it names one: only with a dataset to measure on and a step that trains."""
+    if spec.train_dataset_id is None:
+        return None
+    if dataset is None:
+        raise InvalidSpec(
+            "train_dataset_id needs a dataset_id: training steps train on train_dataset_id and the job is measured "
+            "on dataset_id",
+            code="dataset_required",
+            details={"field": "train_dataset_id"},
+        )
+    if not any(trains(step) for step in steps):
+        raise InvalidSpec(
+            f"train_dataset_id is used only by the steps that train ({', '.join(TRAINING_STEPS)}); this job has "
+            "none: add one or leave train_dataset_id out",
+            code="train_dataset_unused",
+            details={"training_steps": list(TRAINING_STEPS)},
+        )
+    try:
+        return get_owned(session, DatasetUpload, spec.train_dataset_id, user, "dataset")
+    except NotFound as exc:
+        raise NotFound(
+            f"train dataset {spec.train_dataset_id!r} not found", code=exc.code, details={"field": "train_dataset_id"}
+        ) from exc
+
+
+def _check_fits(model: ModelUpload, dataset: DatasetUpload, field: str) -> None:
+    """The dataset's arrays feed the model's inputs (names, shapes, dtypes); 422 naming the field otherwise."""
+    from app.inspection import check_dataset_for_model
+
+    try:
+        check_dataset_for_model(_model_inspection(model), _dataset_inspection(dataset))
+    except InvalidUpload as exc:
+        raise InvalidSpec(exc.message, code=exc.code, details={**exc.details, "field": field}) from exc
 
 
 def create_job(
@@ -101,13 +143,16 @@ def create_job(
         earlier_id = idempotency.find(session, user=user, scope="jobs", key=idempotency_key, request_sha256=request_sha)
         if earlier_id is not None and (earlier_job := session.get(CompressionJob, earlier_id)) is not None:
             return earlier_job, False
-    model, dataset = validate_spec(session, settings, spec=spec, user=user)
+    model, dataset, train_dataset = validate_spec(session, settings, spec=spec, user=user)
     check_job_slots(session, settings, user)
-    key = spec.cache_key(model.sha256, dataset.sha256 if dataset else None)
+    key = spec.cache_key(
+        model.sha256, dataset.sha256 if dataset else None, train_dataset.sha256 if train_dataset else None
+    )
     job = CompressionJob(
         owner_id=user.id,
         model_id=model.id,
         dataset_id=dataset.id if dataset else None,
+        train_dataset_id=train_dataset.id if train_dataset else None,
         spec=spec.model_dump(mode="json"),
         queue="gpu" if spec.device == "cuda" else "cpu",
         cache_key=key,
@@ -216,10 +261,14 @@ def model_in_use(session: Session, model_id: str) -> bool:
 
 
 def dataset_in_use(session: Session, dataset_id: str) -> bool:
+    """Whether a queued or running job (or search) measures or trains on the dataset."""
     return (
         session.scalar(
             select(CompressionJob.id)
-            .where(CompressionJob.dataset_id == dataset_id, CompressionJob.status.in_(("queued", "running")))
+            .where(
+                or_(CompressionJob.dataset_id == dataset_id, CompressionJob.train_dataset_id == dataset_id),
+                CompressionJob.status.in_(("queued", "running")),
+            )
             .limit(1)
         )
         is not None

@@ -293,6 +293,16 @@ STEP_TYPES: dict[str, type[_Strict]] = {
 }
 
 
+# The steps that train on data: the only ones a job's ``train_dataset_id`` feeds. Calibration (int8_static, wanda)
+# and every measurement use ``dataset_id``.
+TRAINING_STEPS: tuple[str, ...] = ("prune/gradient", "prune/regularized", "finetune/distill", "finetune/labels")
+
+
+def trains(step: Any) -> bool:
+    """Whether ``step`` trains on data (and so uses a job's ``train_dataset_id`` when it has one)."""
+    return f"{step.op}/{step.method}" in TRAINING_STEPS
+
+
 # ``op`` has a default in each step's schema (the method alone names the step), so a step sent without it must be
 # told apart by its method too; otherwise the documented default is refused as an unknown step.
 OP_OF_METHOD: dict[str, str] = {tag.split("/")[1]: tag.split("/")[0] for tag in STEP_TYPES}
@@ -350,7 +360,25 @@ class JobSpec(_Strict):
     """What a client posts to ``POST /v1/jobs``."""
 
     model_id: str = Field(min_length=1, max_length=64)
-    dataset_id: str | None = Field(None, min_length=1, max_length=64)
+    dataset_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description=(
+            "Both versions are measured on this data and calibration uses it; training steps train on 80% of it "
+            "unless train_dataset_id is given."
+        ),
+    )
+    train_dataset_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description=(
+            "Training steps (prune/gradient, prune/regularized, finetune/distill, finetune/labels) train on all of "
+            "this dataset instead of 80% of dataset_id, and report before/after on dataset_id. Calibration and "
+            "every metric stay on dataset_id. Needs dataset_id and a training step."
+        ),
+    )
     steps: list[Step] = Field(
         default_factory=list,
         max_length=16,
@@ -385,12 +413,16 @@ class JobSpec(_Strict):
             steps.append(ConvertOnnx(method="onnx"))
         return steps
 
-    def cache_key(self, model_sha256: str, dataset_sha256: str | None) -> str:
-        """Hash of what determines the result: input bytes and the canonical spec (ids and cache flag excluded)."""
-        canonical = self.model_dump(mode="json", exclude={"model_id", "dataset_id", "cache", "notify_url"})
-        payload = json.dumps(
-            {"model": model_sha256, "dataset": dataset_sha256, "spec": canonical},
-            sort_keys=True,
-            separators=(",", ":"),
+    def cache_key(self, model_sha256: str, dataset_sha256: str | None, train_dataset_sha256: str | None = None) -> str:
+        """Hash of what determines the result: input bytes and the canonical spec (ids and cache flag excluded).
+
+        The training data's bytes count only when there is some, so keys of jobs without it stay what they were.
+        """
+        canonical = self.model_dump(
+            mode="json", exclude={"model_id", "dataset_id", "train_dataset_id", "cache", "notify_url"}
         )
+        inputs: dict[str, Any] = {"model": model_sha256, "dataset": dataset_sha256, "spec": canonical}
+        if train_dataset_sha256 is not None:
+            inputs["train_dataset"] = train_dataset_sha256
+        payload = json.dumps(inputs, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode()).hexdigest()

@@ -91,3 +91,60 @@ def test_finetune_on_labels_needs_a_labelled_dataset(deployment: Deployment) -> 
     steps = [{"op": "finetune", "method": "labels"}]
     r = client.post("/v1/jobs", json={"model_id": model_id, "dataset_id": dataset_id, "steps": steps})
     assert r.status_code == 422 and r.json()["error"]["code"] == "labels_required"
+
+
+def test_finetune_trains_on_the_train_dataset_and_is_measured_on_the_held_out_one(deployment: Deployment) -> None:
+    """train_dataset_id: the 1400 training digits train the fine-tune; the 397 held-out digits (dataset_id) measure
+    it, before/after included, so the job's accuracy is on data the model never trained on."""
+    client = deployment.client(deployment.new_key(f"catalogue-pt2-{uuid.uuid4().hex[:6]}"))
+    model_id = client.post("/v1/models", files={"file": ("digits.pt2", digits_pt2_bytes())}).json()["id"]
+    held_out = client.post("/v1/datasets", files={"file": ("held-out.npz", digits_npz_bytes())}).json()
+    x_train, y_train, _, _ = digits_arrays()
+    buf = io.BytesIO()
+    np.savez(buf, input=x_train, labels=y_train)
+    train = client.post("/v1/datasets", files={"file": ("train.npz", buf.getvalue())}).json()
+    assert train["num_samples"] == 1400 and held_out["num_samples"] == 397
+    steps = [
+        {"op": "prune", "method": "magnitude", "sparsity": 0.9},
+        {"op": "finetune", "method": "distill", "epochs": 3, "lr": 0.003},
+    ]
+    spec = {
+        "model_id": model_id,
+        "dataset_id": held_out["id"],
+        "train_dataset_id": train["id"],
+        "steps": steps,
+        "evaluation": {"latency_runs": 2, "layer_sensitivity": "off"},
+    }
+    r = client.post("/v1/jobs", json=spec)
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"])
+    assert job["status"] == "succeeded", job["error"]
+
+    result = job["metrics"]["result"]
+    finetune = job["report"]["steps"][1]
+    tuned = finetune["details"]
+    print(
+        f"\ndigits pt2 magnitude 0.9 -> distill on the 1400 training digits: held-out accuracy "
+        f"{tuned['accuracy_before']:.4f} (pruned) -> {tuned['accuracy_after']:.4f}; job result {result['accuracy']:.4f}"
+    )
+    assert tuned["train_samples"] == 1400
+    assert "all 397 samples of the job's dataset (dataset_id)" in tuned["measured_on"]
+    assert any("train_dataset_id, 1400 samples" in note for note in finetune["notes"])
+    assert result["samples"] == 397
+    # accuracy_before is the pruned model on the held-out digits (0.733 in tests/worker); the job's final
+    # accuracy, on the same held-out digits, recovers well above it.
+    assert result["accuracy"] >= tuned["accuracy_before"] + 0.15
+    assert tuned["accuracy_after"] == pytest.approx(result["accuracy"], abs=1 / 397)
+
+    report = next(a for a in job["artifacts"] if a["kind"] == "report")
+    inputs = client.get(report["download_url"]).json()["inputs"]
+    assert inputs["train_dataset"] == {"id": train["id"], "sha256": train["sha256"]}
+    assert inputs["dataset"] == {"id": held_out["id"], "sha256": held_out["sha256"]}
+    markdown = next(a for a in job["artifacts"] if a["kind"] == "report_markdown")
+    assert f"train dataset `{train['id']}` (sha256 `{train['sha256']}`" in client.get(markdown["download_url"]).text
+
+    # The train dataset's bytes are part of the cache key: the same job again is a hit, other training data is not.
+    assert client.post("/v1/jobs", json=spec).json()["cache_hit"] is True
+    other = client.post("/v1/jobs", json={**spec, "train_dataset_id": held_out["id"]}).json()
+    assert other["cache_hit"] is False and other["status"] == "queued"
+    client.post(f"/v1/jobs/{other['id']}/cancel")
