@@ -126,6 +126,15 @@ class SearchSpec(_Strict):
 
     model_id: str = Field(min_length=1, max_length=64)
     dataset_id: str = Field(min_length=1, max_length=64, description="Trials are measured on this data.")
+    train_dataset_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description=(
+            "Fine-tuning trials train on all of this dataset instead of 80% of dataset_id (as a job's "
+            "train_dataset_id); every trial is still measured on dataset_id. Needs a format with finetune/distill."
+        ),
+    )
     constraint: SearchConstraint
     objective: Literal["size", "latency"] = Field("size", description="What the best trial minimises.")
     space: SearchSpace = Field(default_factory=SearchSpace)

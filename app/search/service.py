@@ -28,7 +28,7 @@ from app.errors import InvalidSpec, NotFound, SqueezeError
 from app.jobs import service as jobs
 from app.jobs.capabilities import CAPABILITIES
 from app.jobs.events import add_event
-from app.jobs.spec import JobSpec
+from app.jobs.spec import Finetune, JobSpec, trains
 from app.ownership import get_owned
 from app.search import planner
 from app.search.schemas import SearchDetails, SearchResult, SearchSpec, TrialPublic
@@ -58,8 +58,23 @@ def create_search(session: Session, settings: Settings, *, spec: SearchSpec, use
             f"space.quantize: {unknown} not available for {model.format} models; offered: {sorted(offered)}",
             code="method_not_supported",
         )
-    probe = JobSpec(model_id=model.id, dataset_id=dataset.id, steps=[], device=spec.device)
-    jobs.validate_spec(session, settings, spec=probe, user=user)  # dataset fits the model, device is offered
+    if spec.train_dataset_id is not None:
+        finetunes = "distill" in CAPABILITIES.get(model.format, {}).get("finetune", {})
+        if not finetunes or spec.space.finetune is False:
+            raise InvalidSpec(
+                "train_dataset_id is used only by the search's fine-tuning trials, and this search has none "
+                + ("(space.finetune is false)" if finetunes else f"({model.format} models have no finetune/distill)"),
+                code="train_dataset_unused",
+            )
+    # A fine-tuning trial stands for every trial: the datasets fit the model and the device is offered.
+    probe = JobSpec(
+        model_id=model.id,
+        dataset_id=dataset.id,
+        train_dataset_id=spec.train_dataset_id,
+        steps=[Finetune(method="distill")] if spec.train_dataset_id is not None else [],
+        device=spec.device,
+    )
+    train_dataset = jobs.validate_spec(session, settings, spec=probe, user=user).train_dataset
     if not planner.quantize_options(model.format, spec) and not spec.space.patterns and not spec.space.structured:
         raise InvalidSpec(f"nothing to search for {model.format} models in this space", code="empty_search_space")
     body = spec.model_dump(mode="json")
@@ -68,6 +83,7 @@ def create_search(session: Session, settings: Settings, *, spec: SearchSpec, use
         owner_id=user.id,
         model_id=model.id,
         dataset_id=dataset.id,
+        train_dataset_id=train_dataset.id if train_dataset is not None else None,
         spec=body,
         kind="search",
         queue="cpu",
@@ -126,6 +142,8 @@ def advance_search(session: Session, settings: Settings, search_id: str) -> list
                 "evaluation": {"layer_sensitivity": _sensitivity_for(recipe, probe)},
             }
         )
+        if spec.train_dataset_id is not None and any(trains(step) for step in job_spec.steps):
+            job_spec = job_spec.model_copy(update={"train_dataset_id": spec.train_dataset_id})
         try:
             job, needs_enqueue = jobs.create_job(session, settings, spec=job_spec, user=owner, parent_id=search.id)
         except IntegrityError:

@@ -8,7 +8,7 @@ import io
 import numpy as np
 import pytest
 
-from tests.support.models import digits_arrays, digits_npz_bytes, digits_pt2_bytes
+from tests.support.models import digits_arrays, digits_npz_bytes, digits_onnx_bytes, digits_pt2_bytes
 
 FINETUNE = [{"op": "prune", "method": "magnitude", "sparsity": 0.9}, {"op": "finetune", "method": "distill"}]
 
@@ -112,3 +112,24 @@ def test_a_dataset_a_queued_job_trains_on_cannot_be_deleted(client, alice, pt2) 
     client.post(f"/v1/jobs/{job['id']}/cancel", headers=alice)
     assert client.delete(f"/v1/datasets/{pt2['train_dataset_id']}", headers=alice).status_code == 204
     assert client.get(f"/v1/jobs/{job['id']}", headers=alice).json()["spec"]["train_dataset_id"]
+
+
+def test_searches_take_a_train_dataset_for_their_finetune_trials(client, alice, pt2) -> None:
+    search = {**pt2, "constraint": {"max_accuracy_drop": 0.01}}
+    r = client.post("/v1/searches", headers=alice, json=search)
+    assert r.status_code == 202, r.text
+    assert r.json()["spec"]["train_dataset_id"] == pt2["train_dataset_id"]
+    _refusal(client.delete(f"/v1/datasets/{pt2['train_dataset_id']}", headers=alice), 409, "dataset_in_use")
+
+    no_finetune = {**search, "space": {"finetune": False}}
+    _refusal(client.post("/v1/searches", headers=alice, json=no_finetune), 422, "train_dataset_unused")
+    onnx = _upload(client, alice, "/v1/models", "m.onnx", digits_onnx_bytes())
+    err = _refusal(
+        client.post("/v1/searches", headers=alice, json={**search, "model_id": onnx}), 422, "train_dataset_unused"
+    )
+    assert "onnx" in err["message"]
+    _refusal(
+        client.post("/v1/searches", headers=alice, json={**search, "train_dataset_id": "dst_nope"}),
+        404,
+        "dataset_not_found",
+    )
