@@ -108,11 +108,21 @@ def _train_dataset(
             details={"training_steps": list(TRAINING_STEPS)},
         )
     try:
-        return get_owned(session, DatasetUpload, spec.train_dataset_id, user, "dataset")
+        train = get_owned(session, DatasetUpload, spec.train_dataset_id, user, "dataset")
     except NotFound as exc:
         raise NotFound(
             f"train dataset {spec.train_dataset_id!r} not found", code=exc.code, details={"field": "train_dataset_id"}
         ) from exc
+    if train.sha256 == dataset.sha256:
+        # Trained and measured on the same samples, the "after" figures would not be held-out measurements.
+        raise InvalidSpec(
+            "train_dataset_id has the same bytes as dataset_id: the results would be measured on the samples "
+            "trained on. Upload separate training data, or leave train_dataset_id out to train on 80% of dataset_id "
+            "and report before/after on the held-out 20%",
+            code="train_dataset_is_eval_dataset",
+            details={"field": "train_dataset_id"},
+        )
+    return train
 
 
 def _check_fits(model: ModelUpload, dataset: DatasetUpload, field: str) -> None:

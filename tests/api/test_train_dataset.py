@@ -95,6 +95,17 @@ def test_refusals_say_what_to_change(client, alice, pt2) -> None:
     )
     assert err["details"]["field"] == "train_dataset_id"
 
+    # Training on the evaluation data (the same id, or the same bytes uploaded again) would make "after" a
+    # measurement on the training samples.
+    again = _upload(client, alice, "/v1/datasets", "copy.npz", digits_npz_bytes())
+    for same in (pt2["dataset_id"], again):
+        err = _refusal(
+            client.post("/v1/jobs", headers=alice, json={**pt2, "train_dataset_id": same, "steps": FINETUNE}),
+            422,
+            "train_dataset_is_eval_dataset",
+        )
+        assert "held-out" in err["message"] and err["details"]["field"] == "train_dataset_id"
+
 
 def test_another_users_dataset_is_not_found(client, alice, bob, pt2) -> None:
     bobs = _upload(client, bob, "/v1/datasets", "train.npz", _train_npz())
