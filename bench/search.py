@@ -48,6 +48,7 @@ def run_search(d: Deployment, spec_extra: dict[str, Any], model_bytes: bytes, da
         for t in body["trials"]:
             if t["job_id"]:
                 job = client.get(f"/v1/jobs/{t['job_id']}").raise_for_status().json()
+                t["error"] = job["error"]
                 if job["started_at"] and job["finished_at"]:
                     spans.append(tuple(_ts(job[k]) for k in ("created_at", "started_at", "finished_at")))
         search_job = body["job"]
@@ -169,6 +170,9 @@ def main() -> int:
         print(f"\nspeed-up with 2 workers: {speedup:.2f}x (wall time 1 worker / 2 workers)")
     for name, body in results:
         print(f"{name}: {(body['result'] or {}).get('statement')}")
+        for t in body["trials"]:
+            why = t.get("reason") or t.get("error") or ""
+            print(f"  {t['status']:<9} {t['recipe']:<48} {t.get('size_bytes') or '-':>10} {why}")
     return 0
 
 
