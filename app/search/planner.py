@@ -47,7 +47,7 @@ class Recipe:
 
     quantize: str | None
     sparsity: float = 0.0
-    mode: str = "magnitude"  # magnitude | mixed | finetune | pattern | structured
+    mode: str = "magnitude"  # magnitude | mixed | finetune | pattern | structured | encoded (quantized, no pruning)
     pattern: str | None = None
     overrides: tuple[tuple[str, float], ...] = ()
     exclude: tuple[str, ...] = ()  # layers the quantization leaves in float (mixed precision)
@@ -69,6 +69,8 @@ class Recipe:
         if self.quantize:
             kept = f" ({len(self.exclude)} most sensitive layer(s) kept float)" if self.exclude else ""
             parts.append(self.quantize + kept)
+        if self.mode == "encoded":
+            parts.append("squeeze encoding")
         return " + ".join(parts) or "unchanged"
 
 
@@ -107,9 +109,14 @@ def steps_for(recipe: Recipe, fmt: str, spec: SearchSpec) -> list[dict[str, Any]
         quantize: dict[str, Any] = {"op": "quantize", "method": recipe.quantize}
         if recipe.exclude:
             quantize["exclude"] = list(recipe.exclude)
+        if recipe.quantize in MIXED_PRECISION and spec.objective == "size" and fmt in TABLE_FORMATS:
+            quantize["include"] = ["embedding"]
         steps.append(quantize)
-    if steps and recipe.mode != "structured" and (recipe.sparsity > 0 or recipe.pattern) and _encode(fmt, spec):
+    sparse = recipe.mode != "structured" and (recipe.sparsity > 0 or recipe.pattern)
+    if steps and (sparse or recipe.mode == "encoded") and _encode(fmt, spec):
         steps.append(dict(ENCODE))
+    elif recipe.mode == "encoded":
+        return None
     return steps if steps and _runs(fmt, steps) else None
 
 
@@ -132,7 +139,8 @@ def recipe_of(steps: list[dict[str, Any]]) -> Recipe:
     exclude = tuple((quant_step or {}).get("exclude") or ())
     prune = next((s for s in steps if s.get("op") == "prune"), None)
     if prune is None:
-        return Recipe(quantize, exclude=exclude)
+        encoded = any(s.get("op") == "encode" for s in steps)
+        return Recipe(quantize, mode="encoded" if encoded else "magnitude", exclude=exclude)
     if prune.get("method") == "structured":
         return Recipe(quantize, prune["sparsity"], "structured")
     if prune.get("pattern"):
@@ -222,6 +230,9 @@ def plan(spec: SearchSpec, fmt: str, trials: list[TrialView], *, out_of_time: bo
         recipe = _mixed_precision(spec, fmt, q, by_key)
         if recipe is not None:
             wanted.append(recipe)
+    encoded, encoded_waiting = _encoded(spec, fmt, quants, by_key)
+    wanted += encoded
+    waiting = waiting or encoded_waiting
     for recipe in _asked_for(spec, quants, by_key, fmt):
         if _state(recipe, fmt, spec, by_key) == "new":
             wanted.append(recipe)
@@ -371,6 +382,32 @@ def _line(
 
 
 MIXED_PRECISION = ("int8_weight_only", "int4_weight_only")  # the methods whose steps take ``exclude``
+# Weight-only steps leave embedding tables in float unless asked (``include``); for the size objective the search
+# asks, on the formats whose weight-only steps quantize tables (MiniLM: the table is half of its int8 bytes).
+TABLE_FORMATS = ("onnx", "pt2")
+
+
+def _encoded(spec: SearchSpec, fmt: str, quants: list[str], by_key: dict[str, TrialView]) -> tuple[list[Recipe], bool]:
+    """The smallest quantization that meets the budget without pruning, then stored with the squeeze encoding.
+
+    The encoding stores an int8 or int4 model's codes exactly (entropy coding); weights the quantization left in
+    float are requantized at 8 bits, so the trial is measured against the constraint like any other. One at a
+    time, smallest first: the skip rule drops the rest once one is measured. Returns (recipes to start, one still
+    running)."""
+    if not _encode(fmt, spec):
+        return [], False
+    meeting = []
+    for q in quants:
+        anchor = _trial(Recipe(q), fmt, spec, by_key)
+        if anchor is not None and _meets(spec, anchor):
+            meeting.append((objective(spec, anchor.metrics) or float("inf"), q))
+    for _, q in sorted(meeting):
+        state = _state(Recipe(q, mode="encoded"), fmt, spec, by_key)
+        if state == "new":
+            return [Recipe(q, mode="encoded")], False
+        if state == "pending":
+            return [], True
+    return [], False
 
 
 def _mixed_precision(spec: SearchSpec, fmt: str, q: str, by_key: dict[str, TrialView]) -> Recipe | None:
@@ -462,5 +499,7 @@ def _predicted_floor(spec: SearchSpec, recipe: Recipe, done: Any) -> float | Non
         size = float(base["size_bytes"]) if base else None
         if size is None:
             return None
+    if recipe.mode == "encoded":
+        return size * ENTROPY_CREDIT
     sparsity = 0.5 if recipe.mode == "pattern" else recipe.sparsity
     return size * (1 - sparsity) * ENTROPY_CREDIT if sparsity else size

@@ -125,13 +125,49 @@ def test_a_trial_that_cannot_beat_the_best_is_skipped_with_its_reason() -> None:
         return planner.TrialView(f"job_{q}_{sparsity}", planner.normalized(steps), "succeeded", metrics)
 
     # Done: both quantizations alone, pruning alone, and int4 pruned and encoded at 10,000 bytes. fp16 pruned to
-    # 0.5 is next on its line, but even encoded it is at best 50,000 * (1 - 0.5) * 0.5 = 12,500 bytes.
+    # 0.5 is next on its line, but even encoded it is at best 50,000 * (1 - 0.5) * 0.5 = 12,500 bytes; int4 alone
+    # encoded (the smallest quantization that meets the budget, stored with the squeeze encoding) at best
+    # 27,000 * 0.5 = 13,500 bytes.
     trials = [trial("fp16", 0.0, 50_000), trial("int4_weight_only", 0.0, 27_000), trial(None, 0.5, 57_500),
               trial("int4_weight_only", 0.5, 10_000)]  # fmt: skip
     decision = planner.plan(spec, "onnx", trials, out_of_time=False)
-    assert [(r.quantize, r.sparsity) for r, _ in decision.skipped] == [("fp16", 0.5)]
-    assert "cannot beat the best so far (12500 >= 10000)" in decision.skipped[0][1]
+    skipped = {(r.quantize, r.sparsity, r.mode): why for r, why in decision.skipped}
+    assert set(skipped) == {("fp16", 0.5, "magnitude"), ("int4_weight_only", 0.0, "encoded")}
+    assert "cannot beat the best so far (12500 >= 10000)" in skipped[("fp16", 0.5, "magnitude")]
+    assert "cannot beat the best so far (13500 >= 10000)" in skipped[("int4_weight_only", 0.0, "encoded")]
     assert not decision.start and decision.finished
+
+
+def test_the_smallest_quantization_that_meets_the_budget_is_also_tried_encoded() -> None:
+    spec = SearchSpec.model_validate(
+        {"model_id": "m", "dataset_id": "d", "constraint": {"min_cosine": 0.99},
+         "space": {"quantize": ["int8_dynamic", "int8_weight_only"], "sparsity": [0.5]}}
+    )  # fmt: skip
+
+    def trial(q: str | None, sparsity: float, size: int, cosine: float) -> planner.TrialView:
+        steps = planner.steps_for(planner.Recipe(q, sparsity), "onnx", spec)
+        assert steps is not None
+        metrics = outcome(steps)
+        metrics["result"].update(size_bytes=size, cosine=cosine)
+        return planner.TrialView(f"job_{q}_{sparsity}", planner.normalized(steps), "succeeded", metrics)
+
+    # Both quantizations meet the budget; pruning does not. Weight-only takes the embedding tables too (size).
+    trials = [trial("int8_dynamic", 0.0, 23_000, 0.991), trial("int8_weight_only", 0.0, 23_300, 0.9997),
+              trial(None, 0.5, 50_000, 0.88)]  # fmt: skip
+    assert trials[1].steps[0]["include"] == ["embedding"]
+    decision = planner.plan(spec, "onnx", trials, out_of_time=False)
+    assert [(r.quantize, r.mode) for r, _ in decision.start] == [("int8_dynamic", "encoded")]
+    steps = decision.start[0][1]
+    assert [s["op"] for s in steps] == ["quantize", "encode"]
+    assert decision.start[0][0].label() == "int8_dynamic + squeeze encoding"
+    # Once measured smaller, the next one is skipped: even encoded it cannot beat it (23,300 * 0.5 >= 11,000).
+    done = planner.TrialView("job_enc", planner.normalized(steps), "succeeded", outcome(steps))
+    done.metrics["result"].update(size_bytes=11_000, cosine=0.991)
+    decision = planner.plan(spec, "onnx", [*trials, done], out_of_time=False)
+    assert [(r.quantize, r.mode) for r, _ in decision.skipped] == [("int8_weight_only", "encoded")]
+    assert not decision.start and decision.finished
+    # A model format without the encoding never gets such a trial.
+    assert planner.steps_for(planner.Recipe("int8_dynamic", mode="encoded"), "hf", spec) is None
 
 
 def test_more_workers_shorten_the_sequential_part_and_find_the_same_best() -> None:
