@@ -268,6 +268,8 @@ _HF_QUANT = {
         "needs_dataset": False,
         "needs_labels": False,
         "devices": ["cpu"],
+        # transformers' torchao integration quantizes input embeddings only together with an lm_head.
+        "unsupported_options": ["include"],
     },
     "int8_dynamic": {
         "description": (

@@ -60,6 +60,14 @@ def validate_spec(session: Session, settings: Settings, *, spec: JobSpec, user: 
                 code="method_not_supported",
                 details={"step": i, "format": fmt, "op": step.op, "method": step.method},
             )
+        refused = [o for o in info.get("unsupported_options", ()) if getattr(step, o, None)]
+        if refused:
+            raise InvalidSpec(
+                f"steps[{i}]: {step.op}/{step.method} on {fmt} models does not take {', '.join(refused)}; "
+                "see GET /v1/capabilities",
+                code="method_not_supported",
+                details={"step": i, "format": fmt, "options": refused},
+            )
         if info["needs_dataset"] and dataset is None:
             raise InvalidSpec(
                 f"steps[{i}]: {step.op}/{step.method} calibrates on data: add a dataset_id",

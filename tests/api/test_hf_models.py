@@ -98,6 +98,13 @@ def test_jobs_on_folders_are_checked_at_the_door(client, alice, classifier: dict
         r = _submit(client, alice, **base, steps=steps)
         assert r.status_code == 422 and r.json()["error"]["code"] == "method_not_supported"
         assert r.json()["error"]["details"]["format"] == "hf"
+    # Embedding tables: refused at the door for hf (never a job that fails in the worker), fine after conversion.
+    tables = {"op": "quantize", "method": "int8_weight_only", "include": ["embedding"]}
+    r = _submit(client, alice, **base, steps=[tables])
+    assert r.status_code == 422 and r.json()["error"]["code"] == "method_not_supported", r.text
+    assert r.json()["error"]["details"]["options"] == ["include"] and "include" in r.json()["error"]["message"]
+    r = _submit(client, alice, **base, steps=[{"op": "convert", "method": "onnx"}, tables])
+    assert r.status_code == 202, r.text
     r = _submit(client, alice, model_id=classifier["id"], steps=[wanda])
     assert r.status_code == 422 and r.json()["error"]["code"] == "dataset_required"
     unlabelled = _upload(client, alice, "/v1/datasets", "u.jsonl", b'{"text": "hello"}\n')
