@@ -20,6 +20,9 @@ Targets: none enforced (exit 0); the figures go to docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
 from datetime import datetime
 from typing import Any
@@ -62,6 +65,37 @@ def run_search(d: Deployment, spec_extra: dict[str, Any], model_bytes: bytes, da
         return body
 
 
+_SPIN = """
+import os, sys, time
+import numpy as np
+os.sched_setaffinity(0, {int(sys.argv[1])})
+a = np.random.default_rng(0).random((256, 256), dtype=np.float32)
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < 3.0:
+    for _ in range(20):
+        a = (a @ a) * 0.001 + 0.5
+    n += 20
+print(n / (time.perf_counter() - t0))
+"""
+
+
+def parallel_capacity(cores: int) -> tuple[float, list[float]]:
+    """What ``cores`` one-threaded compute processes, each pinned to its core, do together vs one alone (in units
+    of one process alone): the most a search on that many one-core workers can gain on this machine. 2 vCPUs of
+    a VM can be two hyperthreads of one physical core, or share caches and memory bandwidth."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def spin(core_ids: list[int]) -> list[float]:
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _SPIN, str(c)], stdout=subprocess.PIPE, env=env) for c in core_ids
+        ]
+        return [float(p.communicate()[0]) for p in procs]
+
+    alone = spin([0])[0]
+    together = spin(list(range(cores)))
+    return sum(together) / alone, [alone, *together]
+
+
 def _ts(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
@@ -102,6 +136,14 @@ def main() -> int:
     def pinning(i: int) -> dict[str, Any]:
         return {"cpus": f"{i * c}-{i * c + c - 1}", "threads": c} if c else {}
 
+    capacity = None
+    if c == 1 and not args.once:
+        capacity, rates = parallel_capacity(2)
+        print(
+            f"capacity: 2 pinned one-thread matmul loops together do {capacity:.2f}x the work of one alone "
+            f"({rates[0]:.0f} it/s alone; {rates[1]:.0f} + {rates[2]:.0f} together): the most 2 one-core workers "
+            "can gain here"
+        )
     results = []
     with Deployment("search", pg=True, redis=True) as d:
         d.start_api()
@@ -168,6 +210,8 @@ def main() -> int:
     if len(results) == 2:
         speedup = results[0][1]["wall_s"] / results[1][1]["wall_s"]
         print(f"\nspeed-up with 2 workers: {speedup:.2f}x (wall time 1 worker / 2 workers)")
+        if capacity:
+            print(f"parallel efficiency: {speedup / capacity:.2f} (speed-up / this machine's capacity {capacity:.2f}x)")
     for name, body in results:
         print(f"{name}: {(body['result'] or {}).get('statement')}")
         for t in body["trials"]:
