@@ -29,8 +29,12 @@ import onnx
 import zstandard
 from onnx import TensorProto
 
-MAGIC = b"SQZ1"
-FORMAT_VERSION = 1
+MAGIC = b"SQZ1"  # the container (preamble, header, payload); the header's version says what tensors may hold
+FORMAT_VERSION = 2  # the newest header version this loader reads
+# 1: quantized, sparse and dense tensors. 2: also codebook tensors (k-means weight sharing). The encoder writes 1
+# unless a tensor needs 2, so files without codebooks stay readable by loaders that know only version 1.
+READABLE_VERSIONS = (1, 2)
+CODEBOOK_VERSION = 2
 PREAMBLE = struct.Struct("<4sII")  # magic, header length as stored (zstd), header length as JSON
 MAX_HEADER_BYTES = 64 << 20
 DEFAULT_MAX_BYTES = 2**31 - 2**20  # a decoded model must fit one protobuf message (2 GiB)
@@ -57,7 +61,7 @@ DTYPES: dict[str, tuple[int, str]] = {
 }
 QUANTIZABLE = ("float32", "float16", "float64")
 SCALE_DTYPES = {"float16": "<f2", "float32": "<f4"}
-ENCODINGS = ("quantized", "sparse", "dense")
+ENCODINGS = ("quantized", "codebook", "sparse", "dense")
 POSITIONS = ("bitmask", "gaps")
 CODECS = ("zstd", "none")
 
@@ -83,13 +87,14 @@ class TensorEntry:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    encoding: str  # "quantized" | "sparse" | "dense"
+    encoding: str  # "quantized" | "codebook" | "sparse" | "dense"
     streams: dict[str, Stream]
-    nonzeros: int = 0  # quantized / sparse: elements stored in "values"
-    positions: str = ""  # quantized / sparse: "bitmask" | "gaps"
-    value_bits: int = 0  # quantized
+    nonzeros: int = 0  # quantized / codebook / sparse: elements stored in "values"
+    positions: str = ""  # quantized / codebook / sparse: "bitmask" | "gaps"
+    value_bits: int = 0  # quantized / codebook
     axis: int = 0  # quantized: the axis that has one scale per index
     scale_dtype: str = ""  # quantized
+    codebook_dtype: str = ""  # codebook: element type of its 2**value_bits shared values
     fill: int = 0  # sparse: bit pattern of the elements not stored
 
     @property
@@ -112,6 +117,7 @@ class Header:
     payload_bytes: int
     payload_crc32: int
     producer: str
+    version: int = FORMAT_VERSION
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,10 +233,11 @@ def _inflate(chunk: memoryview, raw_length: int, codec: str, what: str) -> bytes
 
 def _parse_header(raw: Any, max_bytes: int) -> Header:
     obj = _dict(raw, "header")
-    if obj.get("format") != "squeeze" or obj.get("version") != FORMAT_VERSION:
+    version = obj.get("version")
+    if obj.get("format") != "squeeze" or type(version) is not int or version not in READABLE_VERSIONS:
         raise SqueezeFormatError(
-            f"header: format {obj.get('format')!r} version {obj.get('version')!r}; "
-            f"this loader reads squeeze version {FORMAT_VERSION}"
+            f"header: format {obj.get('format')!r} version {version!r}; "
+            f"this loader reads squeeze versions {', '.join(map(str, READABLE_VERSIONS))}"[:300]
         )
     payload_bytes = _int(obj, "payload_bytes", "header", 2**63)
     crc = _int(obj, "payload_crc32", "header", 2**32 - 1)
@@ -248,6 +255,11 @@ def _parse_header(raw: Any, max_bytes: int) -> Header:
     total = graph.raw_length
     for i, entry in enumerate(entries):
         tensor = _tensor_entry(entry, f"tensors[{i}]", payload_bytes, max_bytes)
+        if tensor.encoding == "codebook" and version < CODEBOOK_VERSION:
+            raise SqueezeFormatError(
+                f"tensor {tensor.name!r}: codebook tensors need format version {CODEBOOK_VERSION}, the header says "
+                f"{version}"
+            )
         if tensor.name in names:
             raise SqueezeFormatError(f"tensors[{i}]: duplicate name {tensor.name!r}")
         names.add(tensor.name)
@@ -255,7 +267,7 @@ def _parse_header(raw: Any, max_bytes: int) -> Header:
         if total > max_bytes:
             raise SqueezeFormatError(f"the decoded model would exceed the limit of {max_bytes} bytes")
         tensors.append(tensor)
-    return Header(graph, tensors, payload_bytes, crc, producer)
+    return Header(graph, tensors, payload_bytes, crc, producer, version)
 
 
 def _tensor_entry(raw: Any, where: str, payload_bytes: int, max_bytes: int) -> TensorEntry:
@@ -285,12 +297,18 @@ def _tensor_entry(raw: Any, where: str, payload_bytes: int, max_bytes: int) -> T
         fields.update(nonzeros=nonzeros, positions=positions)
         # gaps: one terminating byte per stored element, plus one 255 byte per 255 skipped elements
         span = (-(-n // 8), -(-n // 8)) if positions == "bitmask" else (nonzeros, nonzeros + (n - nonzeros) // 255)
-        if encoding == "quantized":
+        if encoding in ("quantized", "codebook"):
             if dtype not in QUANTIZABLE:
                 raise SqueezeFormatError(f"{where}: {dtype} tensors cannot be quantized")
             bits = _int(obj, "value_bits", where, 8)
             if bits < 2:
                 raise SqueezeFormatError(f"{where}: value_bits must be 2..8")
+        if encoding == "codebook":
+            book_dtype = _choice(obj, "codebook_dtype", SCALE_DTYPES, where)
+            book = (1 << bits) * np.dtype(SCALE_DTYPES[book_dtype]).itemsize
+            fields.update(value_bits=bits, codebook_dtype=book_dtype)
+            expected = {"positions": span, "values": (nonzeros, nonzeros), "codebook": (book, book)}
+        elif encoding == "quantized":
             if not shape:
                 raise SqueezeFormatError(f"{where}: a quantized tensor needs at least one dimension")
             axis = _int(obj, "axis", where, len(shape) - 1)
@@ -406,6 +424,15 @@ def _tensor_bytes(tensor: TensorEntry, payload: memoryview) -> bytes:
     symbols = np.frombuffer(values, dtype=np.uint8)
     if symbols.size and int(symbols.max()) >= 1 << tensor.value_bits:
         raise SqueezeFormatError(f"{what}: a value symbol does not fit in {tensor.value_bits} bits")
+    out = np.zeros(n, dtype=DTYPES[tensor.dtype][1])
+    if tensor.encoding == "codebook":
+        book = np.frombuffer(
+            _read(payload, tensor.streams["codebook"], f"{what}: codebook"), dtype=SCALE_DTYPES[tensor.codebook_dtype]
+        )
+        if not np.all(np.isfinite(book)) or not np.all(book != 0):
+            raise SqueezeFormatError(f"{what}: a codebook value is zero or not finite")
+        out[positions] = book[symbols]
+        return out.tobytes()
     scales = np.frombuffer(
         _read(payload, tensor.streams["scales"], f"{what}: scales"), dtype=SCALE_DTYPES[tensor.scale_dtype]
     )
@@ -413,7 +440,6 @@ def _tensor_bytes(tensor: TensorEntry, payload: memoryview) -> bytes:
         raise SqueezeFormatError(f"{what}: a scale is not finite")
     inner = math.prod(tensor.shape[tensor.axis + 1 :])
     channel = (positions // inner) % tensor.shape[tensor.axis] if n else positions
-    out = np.zeros(n, dtype=DTYPES[tensor.dtype][1])
     out[positions] = reconstruct(symbols, scales[channel], tensor.value_bits)
     return out.tobytes()
 

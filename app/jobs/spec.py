@@ -270,7 +270,15 @@ class EncodeSqueeze(_Strict):
 
     op: Literal["encode"] = "encode"
     method: Literal["squeeze"]
-    value_bits: int = Field(8, ge=2, le=8, description="Bits per stored non-zero value (uniform, per channel).")
+    value_bits: int = Field(8, ge=2, le=8, description="Bits per stored non-zero value.")
+    value_coding: Literal["uniform", "kmeans"] = Field(
+        "uniform",
+        description=(
+            "uniform: 2**value_bits even steps per output channel (one scale each). kmeans: Deep Compression's "
+            "weight sharing, 2**value_bits values per tensor placed by k-means (a codebook); at 3-4 bits it "
+            "distorts the outputs less than uniform and stores a little smaller."
+        ),
+    )
     level: int = Field(19, ge=1, le=22, description="zstd level.")
 
 

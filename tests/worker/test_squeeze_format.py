@@ -24,7 +24,7 @@ from onnx import TensorProto, helper, numpy_helper
 from app.errors import InvalidUpload
 from app.inspection import inspect_model
 from app.jobs.spec import EncodeSqueeze, EvalOptions, PruneMagnitude, QuantizeInt8Dynamic
-from squeeze.loader import MAGIC, PREAMBLE, SqueezeFormatError, decode, load_onnx, read_header
+from squeeze.loader import MAGIC, PREAMBLE, SqueezeFormatError, Stream, decode, load_onnx, read_header, split
 from tests.support.models import digits_npz_bytes, digits_onnx_bytes
 from worker.compress.onnx_format import OnnxBackend
 from worker.compress.pipeline import PipelineResult, run_pipeline
@@ -153,6 +153,130 @@ def test_values_within_half_a_step_and_zeros_exact(bits: int) -> None:
         moved, err = np.moveaxis(original, axis, 0), np.moveaxis(np.abs(got - original), axis, 0)
         half_step = np.abs(moved.reshape(len(moved), -1)).max(axis=1) / 2 ** (bits - 1) / 2
         assert np.all(err.reshape(len(err), -1).max(axis=1) <= half_step * 1.002 + 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# k-means codebooks (value_coding="kmeans")
+
+PRUNED_WEIGHTS = ("0.weight", "2.weight", "6.weight", "8.weight")
+
+
+@pytest.fixture(scope="module")
+def four_bit_jobs(digits: Path, digits_data: EvalData, workdir: Path) -> dict[str, PipelineResult]:
+    """prune magnitude 0.9 -> encode squeeze at 4 bits, once per value coding."""
+    jobs = {}
+    for coding in ("uniform", "kmeans"):
+        run = workdir / f"job4-{coding}"
+        run.mkdir()
+        jobs[coding] = run_pipeline(
+            model_path=digits,
+            fmt="onnx",
+            steps=[
+                PruneMagnitude(method="magnitude", sparsity=0.9),
+                EncodeSqueeze(method="squeeze", value_bits=4, value_coding=coding),
+            ],
+            data=digits_data,
+            options=FAST,
+            device="cpu",
+            workdir=run,
+        )
+    return jobs
+
+
+def test_kmeans_at_4_bits_stores_the_weights_closer_and_smaller_than_uniform(
+    four_bit_jobs: dict[str, PipelineResult], digits_data: EvalData
+) -> None:
+    uniform, kmeans = (four_bit_jobs[coding].steps[-1].details for coding in ("uniform", "kmeans"))
+    assert (kmeans["value_coding"], kmeans["codebook_tensors"], kmeans["format_version"]) == ("kmeans", 4, 2)
+    assert (uniform["value_coding"], uniform["codebook_tensors"], uniform["format_version"]) == ("uniform", 0, 1)
+    # Measured: relative RMSE 0.059 vs 0.066 and 5,010 vs 5,218 bytes (four 16-entry fp16 codebooks replace 122
+    # fp16 scales, and the indices cost about what the uniform symbols do).
+    assert kmeans["value_error"]["relative_rmse"] < 0.95 * uniform["value_error"]["relative_rmse"]
+    assert kmeans["encoded_bytes"] < uniform["encoded_bytes"]
+    assert kmeans["bound_ratio"] <= 1.10 and kmeans["quantized_bound_ratio"] <= 1.10, kmeans
+    rows = {row["name"]: row for row in kmeans["tensors"]}
+    for name in PRUNED_WEIGHTS:
+        assert rows[name]["encoding"] == "codebook" and rows[name]["value_bits"] == 4
+        assert rows[name]["bound_parts_bytes"]["codebook"] == 16 * 2  # the codebook counts in the bound, as stored
+    job = four_bit_jobs["kmeans"]
+    assert job.result is not None and job.output_path is not None and job.result.layers is not None
+    assert accuracy(ort_logits(load_onnx(job.output_path), digits_data), digits_data) == job.result.accuracy
+    layers = {row["name"]: row for row in job.result.layers}
+    assert all(layers[name]["encoding"] == "codebook" and layers[name]["bits"] == 4 for name in PRUNED_WEIGHTS)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_codebook_values_decode_exactly(pruned: Path, bits: int) -> None:
+    model = onnx.load(str(pruned))
+    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    encoded = encode_model(model, dict.fromkeys(PRUNED_WEIGHTS, 0), value_bits=bits, level=3, value_coding="kmeans")
+    decoded = {t.name: numpy_helper.to_array(t) for t in load_onnx(encoded.data).graph.initializer}
+    header, payload = split(encoded.data)
+    assert header.version == 2
+    for entry in header.tensors:
+        if entry.name not in PRUNED_WEIGHTS:
+            assert entry.encoding in ("dense", "sparse")  # biases stay lossless
+            continue
+        assert entry.encoding == "codebook" and entry.value_bits == bits and entry.codebook_dtype == "float16"
+        book = np.frombuffer(_stream_bytes(payload, entry.streams["codebook"]), dtype="<f2")
+        symbols = np.frombuffer(_stream_bytes(payload, entry.streams["values"]), dtype=np.uint8)
+        assert book.size == 2**bits and np.all(np.isfinite(book)) and np.all(book != 0)
+        assert np.all(np.diff(book.astype(np.float64)) >= 0)  # sorted
+        got, want = decoded[entry.name], original[entry.name]
+        assert np.array_equal(got == 0, want == 0)  # zero is never a centroid: the positions stay exact
+        stored = want != 0
+        assert np.array_equal(got[stored], book[symbols].astype(np.float32))  # exactly the codebook's values
+        # ... and each the codebook value nearest to the original weight.
+        distance = np.abs(want[stored].astype(np.float64)[:, None] - book.astype(np.float64)[None, :])
+        assert np.all(np.abs(got[stored] - want[stored]) <= distance.min(axis=1) + 1e-12)
+
+
+def test_kmeans_falls_back_where_a_codebook_cannot_hold_the_values() -> None:
+    rng = np.random.default_rng(3)
+    tensors = {
+        "huge": (rng.standard_normal((8, 8)) * 1e6).astype(np.float32),  # beyond float16: a float32 codebook
+        "straddle": np.array([[-1e-3, 1e-3, 5.0, 6.0]], dtype=np.float32),  # one cluster's mean is exactly 0
+        "empty": np.zeros((4, 4), dtype=np.float32),  # no non-zeros to cluster
+        # float16 weights whose zero-straddling cluster mean (1e-6) only a float32 codebook could hold
+        "half": np.array([[-6e-5, 6.2e-5, 5.0, 6.0]], dtype=np.float16),
+    }
+    encoded = encode_model(_graph(tensors), dict.fromkeys(tensors, 0), value_bits=2, level=3, value_coding="kmeans")
+    entries = {t.entry["name"]: t.entry for t in encoded.tensors}
+    assert entries["huge"]["encoding"] == "codebook" and entries["huge"]["codebook_dtype"] == "float32"
+    assert entries["straddle"]["encoding"] == "quantized" and entries["empty"]["encoding"] == "quantized"
+    assert entries["half"]["encoding"] == "quantized"
+    decoded = {t.name: numpy_helper.to_array(t) for t in load_onnx(encoded.data).graph.initializer}
+    for name, original in tensors.items():
+        assert np.array_equal(decoded[name] == 0, original == 0), name
+
+
+@pytest.fixture(scope="module")
+def kmeans_file(pruned: Path) -> bytes:
+    model = onnx.load(str(pruned))
+    return encode_model(model, dict.fromkeys(PRUNED_WEIGHTS, 0), value_bits=4, level=3, value_coding="kmeans").data
+
+
+def test_codebook_headers_that_lie_are_refused(kmeans_file: bytes) -> None:
+    header, payload = _parts(kmeans_file)
+    load_onnx(_forge(header, payload))
+    weight = _tensor(header, "6.weight")
+    zeros = np.zeros(16, dtype="<f2").tobytes()
+    at_end = {"offset": len(payload), "length": len(zeros), "raw_length": len(zeros), "codec": "none"}
+    cases: list[tuple[str, dict[str, Any], bytes]] = [
+        ("codebook tensors need format version 2", {"version": 1}, payload),
+        ("codebook_dtype must be one of", {"codebook_dtype": "int8"}, payload),
+        ("streams", {"streams": {k: v for k, v in weight["streams"].items() if k != "codebook"}}, payload),
+        ("stream is", {"value_bits": 5}, payload),  # a 4-bit codebook is too short for 5 bits
+        ("codebook value is zero", {"streams": {**weight["streams"], "codebook": at_end}}, payload + zeros),
+    ]
+    for message, edit, new_payload in cases:
+        forged = json.loads(json.dumps(header))
+        if "version" in edit:
+            forged.update(edit)
+        else:
+            _tensor(forged, "6.weight").update(edit)
+        with pytest.raises(SqueezeFormatError, match=message):
+            load_onnx(_forge(forged, new_payload))
 
 
 def test_lossless_tensors_are_bit_exact() -> None:
@@ -301,7 +425,8 @@ def _mutations(header: dict[str, Any], payload: bytes) -> list[tuple[str, bytes]
     case("duplicate name", lambda h: h["tensors"].append(h["tensors"][0]))
     case("no placeholder", set_("6.bias", "name", "not.in.graph"))
     case("graph declares", set_("6.bias", "shape", [8, 8]))
-    case("header: format", lambda h: h.__setitem__("version", 2))
+    case("header: format", lambda h: h.__setitem__("version", 3))
+    case("header: format", lambda h: h.__setitem__("version", True))
     case("name must be a non-empty string", set_("6.bias", "name", ""))
     case("stream is", set_stream("6.weight", "values", "raw_length", _tensor(header, "6.weight")["nonzeros"] - 1))
     evil_graph, evil_payload = _external_graph(header, payload)
@@ -366,7 +491,9 @@ def test_headers_and_streams_that_lie_are_refused_with_a_message(good_file: byte
             load_onnx(forged)
 
 
-def test_random_damage_never_escapes_as_another_exception(good_file: bytes) -> None:
+@pytest.mark.parametrize("which", ["good_file", "kmeans_file"])
+def test_random_damage_never_escapes_as_another_exception(which: str, request: pytest.FixtureRequest) -> None:
+    good_file: bytes = request.getfixturevalue(which)
     header, payload = _parts(good_file)
     rng = np.random.default_rng(7)
     refused = 0
@@ -390,6 +517,11 @@ def test_random_damage_never_escapes_as_another_exception(good_file: bytes) -> N
 
 # ----------------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _stream_bytes(payload: memoryview, stream: Stream) -> bytes:
+    chunk = bytes(payload[stream.offset : stream.offset + stream.length])
+    return zstandard.ZstdDecompressor().decompress(chunk) if stream.codec == "zstd" else chunk
 
 
 def _graph(tensors: dict[str, np.ndarray | TensorProto]) -> onnx.ModelProto:

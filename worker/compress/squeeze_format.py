@@ -1,8 +1,10 @@
 """The ``encode/squeeze`` step and the ``squeeze`` format: Deep Compression's storage stage for ONNX models.
 
 Each weight of a Conv, Gemm or MatMul (the tensors pruning acts on) is stored as the positions of its non-zeros
-(a bitmask, or the gaps between them, whichever is smaller) plus each non-zero value quantized uniformly per
-output channel to ``value_bits`` (one fp16 scale per channel); every other initializer is stored losslessly
+(a bitmask, or the gaps between them, whichever is smaller) plus each non-zero value as a ``value_bits`` symbol:
+quantized uniformly per output channel (one fp16 scale per channel), or, with ``value_coding="kmeans"``, an index
+into a per-tensor codebook of ``2**value_bits`` shared values (Deep Compression's weight sharing); every other
+initializer is stored losslessly
 (also sparsely when that is smaller), and the graph as the ModelProto with empty placeholders for those
 initializers. Each stream is zstd-compressed unless that makes it larger. The layout is in docs/SQUEEZE_FORMAT.md.
 
@@ -33,9 +35,9 @@ from onnx import TensorProto, numpy_helper
 
 from app.jobs.spec import EncodeSqueeze, PruneMagnitude
 from squeeze.loader import (
+    CODEBOOK_VERSION,
     DEFAULT_MAX_BYTES,
     DTYPES,
-    FORMAT_VERSION,
     MAGIC,
     PREAMBLE,
     QUANTIZABLE,
@@ -51,6 +53,8 @@ from worker.compress.types import CompressionError, EvalData, Runner, StepContex
 _SPARSE_TRY_SHARE = 0.1
 _DTYPE_NAMES = {onnx_type: name for name, (onnx_type, _) in DTYPES.items()}
 BOUND_GOAL = 1.10  # encoded weights within 10% of their entropy bound
+LOSSY = ("quantized", "codebook")
+_KMEANS_MAX_ITERATIONS = 300
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -81,6 +85,7 @@ class EncodedModel:
     tensors: list[_Tensor]
     graph_bytes: int
     header_bytes: int
+    version: int  # the header's format version
 
     @property
     def weights_bytes(self) -> int:
@@ -106,11 +111,19 @@ class _Packer:
 
 
 def encode_model(
-    model: onnx.ModelProto, channel_axes: dict[str, int], *, value_bits: int, level: int, producer: str = "squeeze"
+    model: onnx.ModelProto,
+    channel_axes: dict[str, int],
+    *,
+    value_bits: int,
+    level: int,
+    producer: str = "squeeze",
+    value_coding: str = "uniform",
 ) -> EncodedModel:
     """Encode ``model`` (modified in place: its stored initializers become placeholders) as a ``.sqz`` file.
 
-    ``channel_axes`` names the float weights to quantize and, for each, the axis with one scale per index.
+    ``channel_axes`` names the float weights to quantize and, for each, the axis with one scale per index
+    (``uniform``; ``kmeans`` makes one codebook per tensor and falls back to ``uniform`` for a tensor it cannot
+    code: no non-zeros, or values no float16/float32 codebook can hold without a zero).
     Initializers of a type the layout has no element type for (strings, 4-bit types) stay in the graph.
     """
     packer = _Packer(level)
@@ -125,7 +138,10 @@ def encode_model(
             raise CompressionError("invalid_model", f"cannot read tensor {initializer.name!r}: {exc}"[:2000]) from exc
         encoded = None
         if initializer.name in channel_axes and dtype in QUANTIZABLE:
-            encoded = _quantized(initializer.name, dtype, array, channel_axes[initializer.name], value_bits, packer)
+            if value_coding == "kmeans":
+                encoded = _codebook(initializer.name, dtype, array, value_bits, packer)
+            if encoded is None:
+                encoded = _quantized(initializer.name, dtype, array, channel_axes[initializer.name], value_bits, packer)
         if encoded is None:
             encoded = _lossless(initializer.name, dtype, array, packer)
         tensors.append(encoded)
@@ -145,9 +161,11 @@ def encode_model(
     for tensor in tensors:
         entries.append({**tensor.entry, "streams": {name: place(*s) for name, s in tensor.streams.items()}})
     payload = b"".join(chunks)
+    # Version 1 unless a codebook needs 2: files without one stay readable by version-1 loaders.
+    version = CODEBOOK_VERSION if any(t.entry["encoding"] == "codebook" for t in tensors) else 1
     header = {
         "format": "squeeze",
-        "version": FORMAT_VERSION,
+        "version": version,
         "producer": producer,
         "payload_bytes": len(payload),
         "payload_crc32": zlib.crc32(payload),
@@ -157,7 +175,7 @@ def encode_model(
     header_json = _json(header)
     header_packed = zstandard.ZstdCompressor(level=level).compress(header_json)
     data = PREAMBLE.pack(MAGIC, len(header_packed), len(header_json)) + header_packed + payload
-    return EncodedModel(data, tensors, len(graph[1]), PREAMBLE.size + len(header_packed))
+    return EncodedModel(data, tensors, len(graph[1]), PREAMBLE.size + len(header_packed), version)
 
 
 def _quantized(name: str, dtype: str, array: np.ndarray, axis: int, bits: int, packer: _Packer) -> _Tensor | None:
@@ -178,24 +196,114 @@ def _quantized(name: str, dtype: str, array: np.ndarray, axis: int, bits: int, p
     # Uniform mid-rise cells over [-max, max]: 2**bits cells, reconstructed at their centres, none at zero, so a
     # non-zero weight stays non-zero and the bitmask stays exact.
     symbols = np.clip(np.floor(flat[positions] / step) + half, 0, 2 * half - 1).astype(np.uint8)
-    kind, position_stream = _positions(positions, flat.size, packer)
-    n, k = flat.size, positions.size
-    bound = {"positions": _mask_bits(n, k), "values": _entropy_bits(symbols), "scales": 8.0 * scales[1].nbytes}
+    return _symbol_tensor(
+        (name, dtype, w.shape, "quantized", bits),
+        {"axis": axis, "scale_dtype": scales[0]},
+        positions,
+        symbols,
+        ("scales", scales[1]),
+        packer,
+    )
+
+
+def _codebook(name: str, dtype: str, array: np.ndarray, bits: int, packer: _Packer) -> _Tensor | None:
+    """Positions + indices into ``2**bits`` shared values placed by k-means over the tensor's non-zeros (Deep
+    Compression's weight sharing); None when there are none, or when they are not finite, or when no float16 or
+    float32 codebook holds every used value as a normal (non-zero) number."""
+    w = array.astype(np.float64)
+    flat = w.reshape(-1)
+    positions = np.flatnonzero(flat)
+    values = flat[positions]
+    if w.ndim == 0 or not values.size or not np.all(np.isfinite(values)):
+        return None
+    centroids = _kmeans_1d(values, 1 << bits)
+    # A float16 weight only takes a float16 codebook: a float32 value could round to zero in the tensor's own type.
+    for book_dtype in ("float16",) if dtype == "float16" else ("float16", "float32"):
+        with np.errstate(over="ignore"):  # beyond float16's range: inf, and the float32 codebook is tried
+            book = centroids.astype(SCALE_DTYPES[book_dtype])
+        if not np.all(np.isfinite(book)):
+            continue
+        # Each value goes to its nearest *stored* centroid (the codebook is sorted, so nearest = between midpoints).
+        stored = book.astype(np.float64)
+        symbols = np.searchsorted((stored[1:] + stored[:-1]) / 2, values).astype(np.uint8)
+        used = np.bincount(symbols, minlength=book.size) > 0
+        # An empty cluster (the paper's linear init leaves some in the pruned gap around zero) is never referenced;
+        # it takes a used neighbour's value so that the codebook holds no zero and stays sorted.
+        nearest_used = np.flatnonzero(used)[
+            np.clip(np.searchsorted(np.flatnonzero(used), np.arange(book.size)), 0, int(used.sum()) - 1)
+        ]
+        book = book[np.where(used, np.arange(book.size), nearest_used)]
+        if np.all(np.abs(book) >= np.finfo(book.dtype).tiny):
+            return _symbol_tensor(
+                (name, dtype, w.shape, "codebook", bits),
+                {"codebook_dtype": book_dtype},
+                positions,
+                symbols,
+                ("codebook", book),
+                packer,
+            )
+    return None
+
+
+def _kmeans_1d(values: np.ndarray, k: int) -> np.ndarray:
+    """``k`` sorted centroids of ``values`` (1-D, float64) by Lloyd's algorithm from Deep Compression's linear
+    initialisation (evenly over [min, max], which the paper found best: it keeps centroids on the few large weights).
+
+    A small numpy Lloyd rather than scikit-learn's KMeans: scikit-learn is not a worker dependency, and in one
+    dimension each iteration is exact and cheap on the sorted values (cells are intervals between midpoints, so
+    their sums come from one prefix sum: O(k log n) per iteration), with a result that depends on nothing but the
+    values (no threads, no random restarts).
+    """
+    ordered = np.sort(values)
+    prefix = np.concatenate([[0.0], np.cumsum(ordered)])
+    centroids = np.linspace(ordered[0], ordered[-1], k)
+    for _ in range(_KMEANS_MAX_ITERATIONS):
+        # Cell i holds the values in (mid[i-1], mid[i]]: ends[i] is one past its last value in ``ordered``.
+        ends = np.concatenate(
+            [np.searchsorted(ordered, (centroids[1:] + centroids[:-1]) / 2, side="right"), [len(ordered)]]
+        )
+        starts = np.concatenate([[0], ends[:-1]])
+        counts = ends - starts
+        means = (prefix[ends] - prefix[starts]) / np.maximum(counts, 1)
+        # An empty cell keeps its centroid. Each mean lies inside its cell, so the centroids stay sorted; the sort
+        # only guards against rounding in the prefix sums (cells are found by midpoints, which need the order).
+        moved = np.sort(np.where(counts > 0, means, centroids))
+        if np.array_equal(moved, centroids):
+            break
+        centroids = moved
+    return centroids
+
+
+def _symbol_tensor(
+    what: tuple[str, str, tuple[int, ...], str, int],
+    fields: dict[str, Any],
+    positions: np.ndarray,
+    symbols: np.ndarray,
+    side: tuple[str, np.ndarray],
+    packer: _Packer,
+) -> _Tensor:
+    """A lossy tensor (``what``: name, dtype, shape, encoding, value bits): positions, one symbol per non-zero, and
+    the side information that gives the symbols their values (per-channel scales, or a codebook), each part with
+    its entropy bound (the side information counted as stored)."""
+    name, dtype, shape, encoding, bits = what
+    n, k = math.prod(shape), positions.size
+    kind, position_stream = _positions(positions, n, packer)
+    side_name, side_values = side
+    bound = {"positions": _mask_bits(n, k), "values": _entropy_bits(symbols), side_name: 8.0 * side_values.nbytes}
     entry = {
         "name": name,
         "dtype": dtype,
-        "shape": list(w.shape),
-        "encoding": "quantized",
+        "shape": list(shape),
+        "encoding": encoding,
         "nonzeros": int(k),
         "positions": kind,
         "value_bits": bits,
-        "axis": axis,
-        "scale_dtype": scales[0],
+        **fields,
     }
     streams = {
         "positions": position_stream,
         "values": packer.pack(symbols.tobytes()),
-        "scales": packer.pack(scales[1].tobytes()),
+        side_name: packer.pack(side_values.tobytes()),
     }
     return _Tensor(entry, streams, bound)
 
@@ -325,7 +433,9 @@ def encode_squeeze(backend: FormatBackend, src: Path, dst: Path, step: EncodeSqu
     originals = {name: array for name, (array, _) in weights.items()}
     model = _load_model(src)
     axes = channel_axes(model, set(weights))
-    encoded = encode_model(model, axes, value_bits=step.value_bits, level=step.level, producer=_producer())
+    encoded = encode_model(
+        model, axes, value_bits=step.value_bits, level=step.level, producer=_producer(), value_coding=step.value_coding
+    )
     try:
         decoded = {t.name: t for t in load_onnx(encoded.data).graph.initializer}
     except SqueezeFormatError as exc:
@@ -347,7 +457,7 @@ def encode_squeeze(backend: FormatBackend, src: Path, dst: Path, step: EncodeSqu
             bound_bytes=round(tensor.bound_bits / 8, 1),
             bound_parts_bytes={part: round(bits / 8, 1) for part, bits in tensor.bound_parts.items()},
         )
-        if tensor.entry["encoding"] == "quantized":
+        if tensor.entry["encoding"] in LOSSY:
             original = originals[name].astype(np.float64)
             diff = numpy_helper.to_array(decoded[name]).astype(np.float64) - original
             sq, ref = float((diff * diff).sum()), float((original * original).sum())
@@ -360,11 +470,15 @@ def encode_squeeze(backend: FormatBackend, src: Path, dst: Path, step: EncodeSqu
     tmp.write_bytes(encoded.data)
     tmp.replace(dst)
     bound = encoded.bound_bytes
-    quantized = [t for t in encoded.tensors if t.entry["encoding"] == "quantized"]
+    quantized = [t for t in encoded.tensors if t.entry["encoding"] in LOSSY]
     quantized_bytes = sum(t.stored_bytes for t in quantized)
     quantized_bound = sum(t.bound_bits for t in quantized) / 8
     details: dict[str, Any] = {
         "value_bits": step.value_bits,
+        "value_coding": step.value_coding,
+        # kmeans falls back to uniform for a tensor it cannot code; the rows' ``encoding`` says which each got.
+        "codebook_tensors": sum(t.entry["encoding"] == "codebook" for t in encoded.tensors),
+        "format_version": encoded.version,
         "level": step.level,
         "codec": "zstd",
         "input_bytes": input_bytes,
@@ -472,7 +586,7 @@ class SqueezeBackend:
             if entry is not None:
                 row["encoding"] = entry.encoding
                 row["bytes"] = entry.stored_bytes
-                if entry.encoding == "quantized":
+                if entry.encoding in LOSSY:
                     row["bits"] = entry.value_bits
         return rows
 
