@@ -29,8 +29,9 @@ def _accuracy(model: onnx.ModelProto) -> float:
     return float((session.run(None, {"input": x_test})[0].argmax(1) == y_test).mean())
 
 
+@pytest.mark.parametrize(("value_bits", "value_coding"), [(8, "uniform"), (4, "kmeans")])
 def test_prune_then_squeeze_downloads_a_file_that_decodes_to_the_reported_accuracy(
-    deployment: Deployment, tmp_path: Path
+    deployment: Deployment, tmp_path: Path, value_bits: int, value_coding: str
 ) -> None:
     client = deployment.client(deployment.new_key(f"sqz-{uuid.uuid4().hex[:6]}"))
     model = client.post("/v1/models", files={"file": ("digits.onnx", digits_onnx_bytes())}).json()
@@ -40,7 +41,7 @@ def test_prune_then_squeeze_downloads_a_file_that_decodes_to_the_reported_accura
         "dataset_id": dataset["id"],
         "steps": [
             {"op": "prune", "method": "magnitude", "sparsity": 0.9},
-            {"op": "encode", "method": "squeeze", "value_bits": 8},
+            {"op": "encode", "method": "squeeze", "value_bits": value_bits, "value_coding": value_coding},
         ],
         "evaluation": {"latency_runs": 3, "warmup_runs": 1, "layer_sensitivity": "off"},
     }
@@ -49,11 +50,15 @@ def test_prune_then_squeeze_downloads_a_file_that_decodes_to_the_reported_accura
     job = wait_job(client, r.json()["id"])
     assert job["status"] == "succeeded", job["error"]
     base, res = job["metrics"]["baseline"], job["metrics"]["result"]
-    assert base["size_bytes"] / res["size_bytes"] > 15  # 154 KB -> about 7 KB
+    assert base["size_bytes"] / res["size_bytes"] > 15  # 154 KB -> about 7 KB (8 bits), 5 KB (4-bit codebooks)
     assert "decoded from squeeze" in res["runtime"]
     encode = job["report"]["steps"][-1]
     assert encode["op"] == "encode" and encode["details"]["bound_ratio"] <= 1.10
     assert encode["details"]["encoded_bytes"] == res["size_bytes"]
+    # Every pruned weight gets a codebook with kmeans (a version-2 file), none with uniform (version 1).
+    assert encode["details"]["value_coding"] == value_coding
+    assert encode["details"]["codebook_tensors"] == (4 if value_coding == "kmeans" else 0)
+    assert encode["details"]["format_version"] == (2 if value_coding == "kmeans" else 1)
 
     art = next(a for a in job["artifacts"] if a["kind"] == "model")
     assert art["format"] == "squeeze" and art["filename"].endswith(".sqz")
