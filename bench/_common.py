@@ -44,6 +44,9 @@ __all__ = [
     "create_key",
     "free_port",
     "header",
+    "hf_plain_accuracy",
+    "mean_pooled_cosine",
+    "ort_logits",
     "print_table",
     "wait_for",
     "wait_healthy",
@@ -411,3 +414,54 @@ class Targets:
             return 0
         print(f"\nmissed: {', '.join(missed)}" + ("" if self.enabled else "   (--no-check: exit status 0 anyway)"))
         return 1 if self.enabled else 0
+
+
+# ------------------------------------------------------------------------------------------------------
+# Scoring artifacts with the plain runtimes (what a user who downloads them has)
+
+
+def ort_logits(model: bytes | str | Path, feeds: dict[str, Any], batch: int) -> Any:
+    """The first output of a bare ONNX Runtime session over ``feeds``, in batches of ``batch`` (as a job measures:
+    ORT's ``int8_dynamic`` quantizes activations per batch, so the batch size matters to the last digit)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    source = str(model) if isinstance(model, Path) else model
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    n = len(next(iter(feeds.values())))
+    return np.concatenate(
+        [session.run(None, {k: v[i : i + batch] for k, v in feeds.items()})[0] for i in range(0, n, batch)]
+    )
+
+
+def mean_pooled_cosine(reference: Any, output: Any, attention_mask: Any) -> float:
+    """Mean cosine of sentence embeddings (token states mean-pooled over the attention mask, as sentence-transformers
+    does) between a model's ``output`` and the original's ``reference`` ([sentences, tokens, hidden])."""
+    import numpy as np
+
+    mask = attention_mask[..., None].astype(np.float64)
+    a, b = (reference * mask).sum(1) / mask.sum(1), (output * mask).sum(1) / mask.sum(1)
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).mean())
+
+
+def hf_plain_accuracy(body: bytes, fmt: str, work: Path, batch: int) -> float:
+    """An hf job's artifact scored on the held-out digits texts with the ordinary loaders only: transformers
+    (``from_pretrained`` + the folder's tokenizer) for a zipped folder, ONNX Runtime in batches for ``.onnx``."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    from tests.support.hf_models import classifier_folder, digits_texts, held_out_accuracy
+
+    if fmt == "hf":
+        folder = work / f"artifact-{time.monotonic_ns()}"
+        with zipfile.ZipFile(io.BytesIO(body)) as zf:
+            zf.extractall(folder)
+        return held_out_accuracy(folder)
+    from transformers import AutoTokenizer
+
+    _, _, texts, labels = digits_texts()
+    tokenizer = AutoTokenizer.from_pretrained(str(classifier_folder()), local_files_only=True)
+    feed = {k: np.asarray(v, dtype=np.int64) for k, v in tokenizer(texts, padding=True, return_tensors="np").items()}
+    return float((ort_logits(body, feed, batch).argmax(1) == labels).mean())

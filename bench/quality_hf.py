@@ -23,16 +23,12 @@ reported. Exit status 1 if a target is missed (--no-check: 0).
 from __future__ import annotations
 
 import argparse
-import io
 import statistics
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 HERE = Path(__file__).resolve()
 
@@ -62,30 +58,8 @@ CHAINS: list[tuple[str, list[dict[str, Any]]]] = [
 ]
 
 
-def plain_accuracy(body: bytes, fmt: str, work: Path, batch: int) -> float:
-    """The artifact scored with the ordinary loaders only: transformers for a folder, ONNX Runtime for .onnx."""
-    from tests.support.hf_models import classifier_folder, digits_texts, held_out_accuracy
-
-    if fmt == "hf":
-        folder = work / f"artifact-{time.monotonic_ns()}"
-        with zipfile.ZipFile(io.BytesIO(body)) as zf:
-            zf.extractall(folder)
-        return held_out_accuracy(folder)
-    import onnxruntime as ort
-    from transformers import AutoTokenizer
-
-    _, _, texts, labels = digits_texts()
-    tokenizer = AutoTokenizer.from_pretrained(str(classifier_folder()), local_files_only=True)
-    feed = {k: np.asarray(v, dtype=np.int64) for k, v in tokenizer(texts, padding=True, return_tensors="np").items()}
-    session = ort.InferenceSession(body, providers=["CPUExecutionProvider"])
-    logits = np.concatenate(
-        [session.run(None, {k: v[i : i + batch] for k, v in feed.items()})[0] for i in range(0, len(labels), batch)]
-    )
-    return float((logits.argmax(1) == labels).mean())
-
-
 def main() -> int:
-    from _common import ROOT, Deployment, Targets, add_common_args, header, print_table
+    from _common import ROOT, Deployment, Targets, add_common_args, header, hf_plain_accuracy, print_table
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for a job (default 600)")
@@ -132,7 +106,7 @@ def main() -> int:
                     }
                     if round_ == 1:
                         body = client.get(f"/v1/artifacts/{art['id']}/download").raise_for_status().content
-                        run["plain"] = plain_accuracy(body, art["format"], Path(tmp), evaluation["batch_size"])
+                        run["plain"] = hf_plain_accuracy(body, art["format"], Path(tmp), evaluation["batch_size"])
                     runs[label].append(run)
                     print(f"  round {round_}: {label} ({seconds:.1f} s)", file=sys.stderr)
     rows: list[list[Any]] = []

@@ -75,7 +75,7 @@ def _steps() -> dict[str, list[tuple[str, Any]]]:
 
 
 def main() -> int:
-    from _common import ROOT, Targets, add_common_args, header, print_table
+    from _common import ROOT, Targets, add_common_args, header, mean_pooled_cosine, print_table
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(ap)
@@ -109,9 +109,7 @@ def main() -> int:
     def sentence_cosine(reference: np.ndarray, path: Path) -> float:
         feeds = datasets["minilm"].inputs
         out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-        mask = feeds["attention_mask"][..., None].astype(np.float64)
-        a, b = (reference * mask).sum(1) / mask.sum(1), (out * mask).sum(1) / mask.sum(1)
-        return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).mean())
+        return mean_pooled_cosine(reference, out, feeds["attention_mask"])
 
     def interleaved_p50(before: Path, after: Path, feeds: dict[str, np.ndarray], runs: int) -> tuple[float, float]:
         """p50 ms of one batch, the two models timed alternately so that both see the same machine load."""
