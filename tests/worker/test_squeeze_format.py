@@ -330,6 +330,27 @@ def test_int8_model_keeps_its_int8_weights_exactly(pruned: Path, digits_data: Ev
     assert all(rows[name]["encoding"] in ("dense", "sparse") for name in int8_names)
 
 
+def test_exporter_debug_records_are_not_stored(pruned: Path, workdir: Path) -> None:
+    """Like every ONNX output: no stack traces (the exporting machine's paths) or FX text; name scopes stay."""
+    model = onnx.load(str(pruned))
+    for node in model.graph.node:
+        node.doc_string = 'File "/home/someone/export.py", line 1'
+        for key, value in (("pkg.torch.onnx.stack_trace", "/home/someone/export.py"), ("namespace", "conv")):
+            node.metadata_props.add(key=key, value=value)
+    src = workdir / "with_debug.onnx"
+    onnx.save(model, str(src))
+    from worker.compress.squeeze_format import encode_squeeze
+    from worker.compress.types import StepContext
+
+    ctx = StepContext(data=None, device="cpu", original=src, original_format="onnx", workdir=workdir)
+    encode_squeeze(OnnxBackend(), src, workdir / "with_debug.sqz", EncodeSqueeze(method="squeeze"), ctx)
+    decoded = load_onnx(workdir / "with_debug.sqz")
+    assert all(not node.doc_string for node in decoded.graph.node)
+    assert all(
+        [(p.key, p.value) for p in node.metadata_props] == [("namespace", "conv")] for node in decoded.graph.node
+    )
+
+
 def test_decode_writes_an_onnx_file_and_sqz_uploads_are_refused(encoded_job: PipelineResult, workdir: Path) -> None:
     assert encoded_job.output_path is not None
     out = decode(encoded_job.output_path, workdir / "decoded.onnx")
