@@ -31,8 +31,9 @@ from onnx import TensorProto
 
 MAGIC = b"SQZ1"  # the container (preamble, header, payload); the header's version says what tensors may hold
 FORMAT_VERSION = 2  # the newest header version this loader reads
-# 1: quantized, sparse and dense tensors. 2: also codebook tensors (k-means weight sharing). The encoder writes 1
-# unless a tensor needs 2, so files without codebooks stay readable by loaders that know only version 1.
+# 1: quantized, sparse and dense tensors. 2: also codebook tensors (k-means weight sharing) and half tensors (a
+# float32/float64 tensor stored as float16). The encoder writes 1 unless a tensor needs 2, so files without those
+# stay readable by loaders that know only version 1.
 READABLE_VERSIONS = (1, 2)
 CODEBOOK_VERSION = 2
 PREAMBLE = struct.Struct("<4sII")  # magic, header length as stored (zstd), header length as JSON
@@ -61,7 +62,9 @@ DTYPES: dict[str, tuple[int, str]] = {
 }
 QUANTIZABLE = ("float32", "float16", "float64")
 SCALE_DTYPES = {"float16": "<f2", "float32": "<f4"}
-ENCODINGS = ("quantized", "codebook", "sparse", "dense")
+ENCODINGS = ("quantized", "codebook", "sparse", "dense", "half")
+VERSION_2_ENCODINGS = ("codebook", "half")
+HALF_SOURCES = ("float32", "float64")  # the tensor types a half tensor may stand for
 POSITIONS = ("bitmask", "gaps")
 CODECS = ("zstd", "none")
 
@@ -87,7 +90,7 @@ class TensorEntry:
     name: str
     dtype: str
     shape: tuple[int, ...]
-    encoding: str  # "quantized" | "codebook" | "sparse" | "dense"
+    encoding: str  # "quantized" | "codebook" | "sparse" | "dense" | "half"
     streams: dict[str, Stream]
     nonzeros: int = 0  # quantized / codebook / sparse: elements stored in "values"
     positions: str = ""  # quantized / codebook / sparse: "bitmask" | "gaps"
@@ -255,10 +258,10 @@ def _parse_header(raw: Any, max_bytes: int) -> Header:
     total = graph.raw_length
     for i, entry in enumerate(entries):
         tensor = _tensor_entry(entry, f"tensors[{i}]", payload_bytes, max_bytes)
-        if tensor.encoding == "codebook" and version < CODEBOOK_VERSION:
+        if tensor.encoding in VERSION_2_ENCODINGS and version < CODEBOOK_VERSION:
             raise SqueezeFormatError(
-                f"tensor {tensor.name!r}: codebook tensors need format version {CODEBOOK_VERSION}, the header says "
-                f"{version}"
+                f"tensor {tensor.name!r}: {tensor.encoding} tensors need format version {CODEBOOK_VERSION}, the header "
+                f"says {version}"
             )
         if tensor.name in names:
             raise SqueezeFormatError(f"tensors[{i}]: duplicate name {tensor.name!r}")
@@ -291,6 +294,10 @@ def _tensor_entry(raw: Any, where: str, payload_bytes: int, max_bytes: int) -> T
     fields: dict[str, Any] = {}
     if encoding == "dense":
         expected = {"data": (n * itemsize, n * itemsize)}
+    elif encoding == "half":
+        if dtype not in HALF_SOURCES:
+            raise SqueezeFormatError(f"{where}: only float32/float64 tensors can be stored as half")
+        expected = {"data": (n * 2, n * 2)}
     else:
         nonzeros = _int(obj, "nonzeros", where, n)
         positions = _choice(obj, "positions", POSITIONS, where)
@@ -413,6 +420,11 @@ def _tensor_bytes(tensor: TensorEntry, payload: memoryview) -> bytes:
     what = f"tensor {tensor.name!r}"
     if tensor.encoding == "dense":
         return _read(payload, tensor.streams["data"], f"{what}: data")
+    if tensor.encoding == "half":
+        half = np.frombuffer(_read(payload, tensor.streams["data"], f"{what}: data"), dtype="<f2")
+        if not np.all(np.isfinite(half)):
+            raise SqueezeFormatError(f"{what}: a half value is not finite")
+        return half.astype(DTYPES[tensor.dtype][1]).tobytes()
     n = tensor.size
     positions = _positions(tensor, _read(payload, tensor.streams["positions"], f"{what}: positions"))
     values = _read(payload, tensor.streams["values"], f"{what}: values")

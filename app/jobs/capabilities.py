@@ -115,7 +115,8 @@ _ENCODE = {
         "description": (
             "Storage encoding (Deep Compression's last stage): non-zero positions as a bitmask or gaps, values "
             "quantized per channel to value_bits (or, value_coding kmeans, indices into a per-tensor k-means "
-            "codebook), zstd. Must be the last step; decode with squeeze.loader."
+            "codebook), other float tensors exact or float16 (float_tensors), zstd. Must be the last step; decode "
+            "with squeeze.loader."
         ),
         "needs_dataset": False,
         "needs_labels": False,

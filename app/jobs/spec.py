@@ -279,6 +279,14 @@ class EncodeSqueeze(_Strict):
             "distorts the outputs less than uniform and stores a little smaller."
         ),
     )
+    float_tensors: Literal["exact", "float16"] = Field(
+        "exact",
+        description=(
+            "The float tensors that are not quantized weights (biases, normalization, embedding tables): exact, or "
+            "float16 (lossy, half their bytes; kept exact where float16 cannot hold a value). On a 96%-pruned CNN "
+            "its biases are an eighth of the file."
+        ),
+    )
     level: int = Field(19, ge=1, le=22, description="zstd level.")
 
 

@@ -279,6 +279,65 @@ def test_codebook_headers_that_lie_are_refused(kmeans_file: bytes) -> None:
             load_onnx(_forge(forged, new_payload))
 
 
+def test_float16_other_tensors_halve_the_biases_and_decode_to_their_float16_values(pruned: Path) -> None:
+    model = onnx.load(str(pruned))
+    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    axes = dict.fromkeys(PRUNED_WEIGHTS, 0)
+    exact = encode_model(onnx.load(str(pruned)), axes, value_bits=4, level=19)
+    half = encode_model(model, axes, value_bits=4, level=19, float_tensors="float16")
+    header = split(half.data)[0]
+    assert header.version == 2 and split(exact.data)[0].version == 1  # exact files stay version 1
+    biases = [e for e in header.tensors if e.name not in PRUNED_WEIGHTS and e.dtype == "float32"]
+    assert biases and all(e.encoding == "half" for e in biases)
+    decoded = {t.name: numpy_helper.to_array(t) for t in load_onnx(half.data).graph.initializer}
+    for e in biases:
+        assert decoded[e.name].dtype == np.float32  # the graph's types are unchanged
+        assert np.array_equal(decoded[e.name], original[e.name].astype(np.float16).astype(np.float32))
+    # Weights are stored as before; the file is smaller by about half the biases' bytes.
+    for name in PRUNED_WEIGHTS:
+        assert np.array_equal(decoded[name], numpy_helper.to_array(_initializer(load_onnx(exact.data), name)))
+    bias_bytes = sum(original[e.name].nbytes for e in biases)
+    assert len(exact.data) - len(half.data) >= 0.3 * bias_bytes
+
+    # What float16 cannot hold stays exact: overflow, or a non-zero value that would become zero.
+    tensors = {
+        "big": np.array([1e6, 1.0], dtype=np.float32),
+        "tiny": np.array([1e-9, 1.0], dtype=np.float32),
+        "fine": np.linspace(-1, 1, 64, dtype=np.float32),
+    }
+    entries = {t.entry["name"]: t.entry for t in encode_model(_graph(tensors), {}, value_bits=8, level=3,
+                                                                float_tensors="float16").tensors}  # fmt: skip
+    assert entries["big"]["encoding"] == entries["tiny"]["encoding"] == "dense"
+    assert entries["fine"]["encoding"] == "half"
+
+
+def test_half_headers_that_lie_are_refused(pruned: Path) -> None:
+    model = onnx.load(str(pruned))
+    data = encode_model(model, dict.fromkeys(PRUNED_WEIGHTS, 0), value_bits=8, level=3, float_tensors="float16").data
+    header, payload = _parts(data)
+    load_onnx(_forge(header, payload))
+    bias = next(t for t in header["tensors"] if t["encoding"] == "half")
+    inf = np.full(bias["shape"], np.inf, dtype="<f2").tobytes()
+    at_end = {"offset": len(payload), "length": len(inf), "raw_length": len(inf), "codec": "none"}
+    cases: list[tuple[str, dict[str, Any], bytes]] = [
+        ("half tensors need format version 2", {"version": 1}, payload),
+        ("only float32/float64 tensors can be stored as half", {"dtype": "int32"}, payload),
+        ("a half value is not finite", {"streams": {"data": at_end}}, payload + inf),
+    ]
+    for message, edit, new_payload in cases:
+        forged = json.loads(json.dumps(header))
+        if "version" in edit:
+            forged.update(edit)
+        else:
+            _tensor(forged, bias["name"]).update(edit)
+        with pytest.raises(SqueezeFormatError, match=message):
+            load_onnx(_forge(forged, new_payload))
+
+
+def _initializer(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
 def test_lossless_tensors_are_bit_exact() -> None:
     rng = np.random.default_rng(1)
     bias = rng.standard_normal(50).astype(np.float32)
@@ -330,9 +389,11 @@ def test_int8_model_keeps_its_int8_weights_exactly(pruned: Path, digits_data: Ev
     assert all(rows[name]["encoding"] in ("dense", "sparse") for name in int8_names)
 
 
-def test_exporter_debug_records_are_not_stored(pruned: Path, workdir: Path) -> None:
-    """Like every ONNX output: no stack traces (the exporting machine's paths) or FX text; name scopes stay."""
+def test_only_what_a_runtime_reads_of_the_graph_is_stored(pruned: Path, workdir: Path) -> None:
+    """No stack traces (the exporting machine's paths), FX text, name scopes or shape hints; the model runs the same."""
     model = onnx.load(str(pruned))
+    model = onnx.shape_inference.infer_shapes(model)
+    assert model.graph.value_info  # intermediate shape hints, as exporters write them
     for node in model.graph.node:
         node.doc_string = 'File "/home/someone/export.py", line 1'
         for key, value in (("pkg.torch.onnx.stack_trace", "/home/someone/export.py"), ("namespace", "conv")):
@@ -343,12 +404,31 @@ def test_exporter_debug_records_are_not_stored(pruned: Path, workdir: Path) -> N
     from worker.compress.types import StepContext
 
     ctx = StepContext(data=None, device="cpu", original=src, original_format="onnx", workdir=workdir)
-    encode_squeeze(OnnxBackend(), src, workdir / "with_debug.sqz", EncodeSqueeze(method="squeeze"), ctx)
+    step = EncodeSqueeze(method="squeeze")
+    report = encode_squeeze(OnnxBackend(), src, workdir / "with_debug.sqz", step, ctx)
     decoded = load_onnx(workdir / "with_debug.sqz")
-    assert all(not node.doc_string for node in decoded.graph.node)
-    assert all(
-        [(p.key, p.value) for p in node.metadata_props] == [("namespace", "conv")] for node in decoded.graph.node
-    )
+    assert all(not node.doc_string and not node.metadata_props for node in decoded.graph.node)
+    assert not decoded.graph.value_info and b"/home/someone" not in (workdir / "with_debug.sqz").read_bytes()
+    nodes = len(model.graph.node)
+    assert report.details["graph_dropped"] == {
+        "node_metadata": 2 * nodes,
+        "doc_strings": nodes,
+        "value_info": len(model.graph.value_info),
+    }
+    # Nodes, names and wiring are kept: the same outputs as the same encoding of the lean model.
+    assert [(n.name, n.op_type, list(n.input), list(n.output)) for n in decoded.graph.node] == [
+        (n.name, n.op_type, list(n.input), list(n.output)) for n in model.graph.node
+    ]
+    x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
+    plain = workdir / "plain.sqz"
+    encode_squeeze(OnnxBackend(), pruned, plain, step, ctx)
+    run = [
+        ort.InferenceSession(load_onnx(path).SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"input": x}
+        )[0]
+        for path in (workdir / "with_debug.sqz", plain)
+    ]
+    np.testing.assert_array_equal(run[0], run[1])
 
 
 def test_decode_writes_an_onnx_file_and_sqz_uploads_are_refused(encoded_job: PipelineResult, workdir: Path) -> None:

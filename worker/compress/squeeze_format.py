@@ -38,10 +38,12 @@ from squeeze.loader import (
     CODEBOOK_VERSION,
     DEFAULT_MAX_BYTES,
     DTYPES,
+    HALF_SOURCES,
     MAGIC,
     PREAMBLE,
     QUANTIZABLE,
     SCALE_DTYPES,
+    VERSION_2_ENCODINGS,
     SqueezeFormatError,
     load_onnx,
     read_header,
@@ -118,6 +120,7 @@ def encode_model(
     level: int,
     producer: str = "squeeze",
     value_coding: str = "uniform",
+    float_tensors: str = "exact",
 ) -> EncodedModel:
     """Encode ``model`` (modified in place: its stored initializers become placeholders) as a ``.sqz`` file.
 
@@ -125,6 +128,8 @@ def encode_model(
     (``uniform``; ``kmeans`` makes one codebook per tensor and falls back to ``uniform`` for a tensor it cannot
     code: no non-zeros, or values no float16/float32 codebook can hold without a zero).
     Initializers of a type the layout has no element type for (strings, 4-bit types) stay in the graph.
+    ``float_tensors``: the other float32/float64 tensors (biases, norms, tables) ``exact``, or ``float16`` (stored as
+    half when that is smaller than their exact encoding and every value stays finite and non-zero ones non-zero).
     """
     packer = _Packer(level)
     tensors: list[_Tensor] = []
@@ -144,6 +149,9 @@ def encode_model(
                 encoded = _quantized(initializer.name, dtype, array, channel_axes[initializer.name], value_bits, packer)
         if encoded is None:
             encoded = _lossless(initializer.name, dtype, array, packer)
+            half = _half(initializer.name, dtype, array, packer) if float_tensors == "float16" else None
+            if half is not None and half.stored_bytes < encoded.stored_bytes:
+                encoded = half
         tensors.append(encoded)
         _clear_data(initializer)
     graph = packer.pack(model.SerializeToString())
@@ -161,8 +169,8 @@ def encode_model(
     for tensor in tensors:
         entries.append({**tensor.entry, "streams": {name: place(*s) for name, s in tensor.streams.items()}})
     payload = b"".join(chunks)
-    # Version 1 unless a codebook needs 2: files without one stay readable by version-1 loaders.
-    version = CODEBOOK_VERSION if any(t.entry["encoding"] == "codebook" for t in tensors) else 1
+    # Version 1 unless a codebook or half tensor needs 2: files without one stay readable by version-1 loaders.
+    version = CODEBOOK_VERSION if any(t.entry["encoding"] in VERSION_2_ENCODINGS for t in tensors) else 1
     header = {
         "format": "squeeze",
         "version": version,
@@ -348,6 +356,20 @@ def _lossless(name: str, dtype: str, array: np.ndarray, packer: _Packer) -> _Ten
     return best
 
 
+def _half(name: str, dtype: str, array: np.ndarray, packer: _Packer) -> _Tensor | None:
+    """A float32/float64 tensor as float16 (lossy), or None when float16 cannot hold it: a value overflows, or a
+    non-zero one would become zero."""
+    if dtype not in HALF_SOURCES or not np.all(np.isfinite(array)):
+        return None
+    with np.errstate(over="ignore"):
+        half = np.ascontiguousarray(array, dtype="<f2").reshape(-1)
+    flat = array.reshape(-1)
+    if not np.all(np.isfinite(half)) or np.any((half == 0) & (flat != 0)):
+        return None
+    entry = {"name": name, "dtype": dtype, "shape": [int(d) for d in array.shape], "encoding": "half"}
+    return _Tensor(entry, {"data": packer.pack(half.tobytes())}, {"data": 16.0 * half.size})
+
+
 def _positions(positions: np.ndarray, n: int, packer: _Packer) -> tuple[str, tuple[str, bytes, int]]:
     """The smaller of a bitmask (MSB first) and the gaps between stored elements, each as packed."""
     mask = np.zeros(n, dtype=bool)
@@ -382,6 +404,29 @@ def _entropy_bits(symbols: np.ndarray) -> float:
     counts = np.bincount(symbols.astype(np.int64)).astype(np.float64)
     counts = counts[counts > 0]
     return float(-(counts * np.log2(counts / symbols.size)).sum())
+
+
+def lean_graph(model: onnx.ModelProto) -> dict[str, int]:
+    """Drop what a runtime never reads from the graph a ``.sqz`` stores: every node's ``metadata_props`` and
+    ``doc_string`` (torch exporters' stack traces with the exporting machine's paths, FX node text, name scopes,
+    class hierarchy) and the intermediate ``value_info`` shape hints (ONNX Runtime infers shapes). Nodes, names,
+    opsets, inputs, outputs and model metadata stay. On the 96%-pruned digits CNN converted from ``.pt2`` these were
+    ~1 KB of its ~1.5 KB compressed graph: a quarter of the whole file. Returns what was dropped, by kind."""
+    dropped = {"node_metadata": 0, "doc_strings": 0, "value_info": 0}
+    graphs = [model.graph]
+    while graphs:
+        graph = graphs.pop()
+        dropped["value_info"] += len(graph.value_info)
+        del graph.value_info[:]
+        for node in graph.node:
+            dropped["node_metadata"] += len(node.metadata_props)
+            del node.metadata_props[:]
+            if node.doc_string:
+                dropped["doc_strings"] += 1
+                node.doc_string = ""
+            for attr in node.attribute:
+                graphs += [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+    return dropped
 
 
 def _clear_data(tensor: TensorProto) -> None:
@@ -427,18 +472,21 @@ def encode_squeeze(backend: FormatBackend, src: Path, dst: Path, step: EncodeSqu
     input_bytes = backend.stored_size(src)
     if input_bytes >= DEFAULT_MAX_BYTES:
         raise CompressionError("model_too_large", "encode/squeeze handles models up to 2 GiB (one protobuf message)")
-    # The backend's loader (checked external data, errors) and the debug-record policy of every ONNX output.
-    from worker.compress.onnx_format import _load_model, _strip_node_debug_info
+    from worker.compress.onnx_format import _load_model  # the backend's loader: checked external data, errors
 
     weights: dict[str, tuple[np.ndarray, int]] = prunable(src)
     originals = {name: array for name, (array, _) in weights.items()}
     model = _load_model(src)
-    # A model converted from pt2 arrives with the exporter's stack traces (the worker's paths) on every node: 542 of
-    # the 2,011 graph bytes of the 96%-pruned digits CNN's .sqz. Stored ONNX outputs drop them; so does a .sqz.
-    _strip_node_debug_info(model)
+    dropped = lean_graph(model)
     axes = channel_axes(model, set(weights))
     encoded = encode_model(
-        model, axes, value_bits=step.value_bits, level=step.level, producer=_producer(), value_coding=step.value_coding
+        model,
+        axes,
+        value_bits=step.value_bits,
+        level=step.level,
+        producer=_producer(),
+        value_coding=step.value_coding,
+        float_tensors=step.float_tensors,
     )
     try:
         decoded = {t.name: t for t in load_onnx(encoded.data).graph.initializer}
@@ -480,6 +528,8 @@ def encode_squeeze(backend: FormatBackend, src: Path, dst: Path, step: EncodeSqu
     details: dict[str, Any] = {
         "value_bits": step.value_bits,
         "value_coding": step.value_coding,
+        "float_tensors": step.float_tensors,
+        "half_tensors": sum(t.entry["encoding"] == "half" for t in encoded.tensors),
         # kmeans falls back to uniform for a tensor it cannot code; the rows' ``encoding`` says which each got.
         "codebook_tensors": sum(t.entry["encoding"] == "codebook" for t in encoded.tensors),
         "format_version": encoded.version,
@@ -497,6 +547,7 @@ def encode_squeeze(backend: FormatBackend, src: Path, dst: Path, step: EncodeSqu
         "quantized_bound_bytes": round(quantized_bound, 1),
         "quantized_bound_ratio": round(quantized_bytes / quantized_bound, 4) if quantized_bound else None,
         "graph_bytes": encoded.graph_bytes,
+        "graph_dropped": dropped,  # annotations no runtime reads (lean_graph)
         "header_bytes": encoded.header_bytes,
         "quantized_tensors": len(quantized),
         "lossless_tensors": len(encoded.tensors) - len(quantized),
