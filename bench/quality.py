@@ -16,7 +16,7 @@ cores skews one round); sizes and accuracies must be the same in every round.
 
 Models and data:
 - digits CNN (tests/support/models.py: 38,282 parameters), as `.onnx` and as `.pt2`; measured on the 397 held-out
-  digits. The `.pt2` training chains (prune/gradient, finetune/distill) get `train_dataset_id` = the 1,400 training
+  digits. The `.pt2` training chains (prune/gradient, finetune) get `train_dataset_id` = the 1,400 training
   digits, so every accuracy in the table is on digits the model never trained on. Calibration (`int8_static`)
   uses the 397 measured digits (it has no train dataset). Batches of 64.
 - all-MiniLM-L6-v2 as ONNX (tests/support/minilm.py, 90.8 MB fp32); 32 sentences, batches of 32. Wanda
@@ -33,8 +33,11 @@ the original, both in bare ONNX Runtime. The downloaded size must equal the job'
 downloaded zipped: the sum of its files' sizes).
 
 Targets (the issue's): digits CNN, magnitude 90% + 8-bit values + squeeze encoding >= 40x smaller and <= 0.5 pp
-accuracy loss (Deep Compression: 39-40x on LeNets), as a pruned ONNX model and as the Deep Compression pipeline
-(.pt2: prune, fine-tune, convert, encode); MiniLM int8 dynamic and int8 weight-only with embeddings >= 3.9x
+accuracy loss (Deep Compression: 39-40x on LeNets), as the issue states it (ONNX, and .pt2 with one fine-tune:
+at 90% the positions alone cost ~2.2 KB of the 3.9 KB that 40x allows) and as Deep Compression's own pipeline
+(.pt2: iterative pruning 0.5 -> 0.96, each level retrained on the training digits' labels, convert, 4-bit values
+with float16 biases in the squeeze encoding); "x smaller" of .pt2 rows is also given against the fp32 .onnx (the
+.pt2 container is 22 KB larger). MiniLM int8 dynamic and int8 weight-only with embeddings >= 3.9x
 smaller with cosine >= 0.99 (the job's and the sentence cosine); from the earlier catalogues: digits structured
 50% >= 3.5x smaller and faster, fine-tuning after 90% pruning recovers (>= +15 pp, zeros kept), pt2 int8
 weight-only <= 0.5 pp. Every artifact must reproduce its job's figure. The rest is reported. Exit status 1 if a
@@ -72,6 +75,7 @@ DISTILL10 = {"op": "finetune", "method": "distill", "epochs": 10}
 CONVERT = {"op": "convert", "method": "onnx"}
 EMB = ["embedding"]
 DEEP_COMPRESSION = "Deep Compression: LeNets 39-40x, no loss"
+LABELS20 = {"op": "finetune", "method": "labels", "epochs": 20, "lr": 3e-3}
 WANDA_README = "Wanda README, Llama-2-7B wikitext ppl 5.12 -> "
 
 
@@ -126,14 +130,17 @@ def rows() -> list[Row]:
             DEEP_COMPRESSION,
             train=True,
         ),
-        Row(  # the best recipe of the k-means commit (ed78774): 40x needs 95-96% sparsity and ~4-bit values
+        Row(  # Deep Compression's pipeline: iterative pruning with retraining, then 4-bit values and coding
             "digits-pt2",
-            "magnitude 0.96 + distill 10 ep + onnx + squeeze 4 bit kmeans",
+            "magnitude 0.5/0.8/0.9/0.93/0.95/0.96 each + labels 20 ep; onnx; squeeze 4 bit, float16 biases",
             [
-                {**MAG90, "sparsity": 0.96},
-                DISTILL10,
+                *(
+                    step
+                    for sparsity in (0.5, 0.8, 0.9, 0.93, 0.95, 0.96)
+                    for step in ({**MAG90, "sparsity": sparsity}, LABELS20)
+                ),
                 CONVERT,
-                {**SQUEEZE8, "value_bits": 4, "value_coding": "kmeans"},
+                {**SQUEEZE8, "value_bits": 4, "float_tensors": "float16"},
             ],
             DEEP_COMPRESSION,
             train=True,
