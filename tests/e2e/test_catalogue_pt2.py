@@ -145,6 +145,72 @@ def test_finetune_trains_on_the_train_dataset_and_is_measured_on_the_held_out_on
 
     # The train dataset's bytes are part of the cache key: the same job again is a hit, other training data is not.
     assert client.post("/v1/jobs", json=spec).json()["cache_hit"] is True
-    other = client.post("/v1/jobs", json={**spec, "train_dataset_id": held_out["id"]}).json()
+    half = io.BytesIO()
+    np.savez(half, input=x_train[:700], labels=y_train[:700])
+    fewer = client.post("/v1/datasets", files={"file": ("train-700.npz", half.getvalue())}).json()
+    other = client.post("/v1/jobs", json={**spec, "train_dataset_id": fewer["id"]}).json()
     assert other["cache_hit"] is False and other["status"] == "queued"
     client.post(f"/v1/jobs/{other['id']}/cancel")
+
+
+def test_deep_compression_pipeline_as_one_job_is_40x_smaller_at_held_out_accuracy(
+    deployment: Deployment, tmp_path: Path
+) -> None:
+    """Han et al.'s pipeline in one job: prune in steps, retraining on the training digits after each, convert, then
+    4-bit values and float16 biases in the squeeze encoding; measured on the 397 held-out digits only. The issue's
+    bar is 40x at <= 0.5 pp (one digit is 0.25 pp); bench/quality.py measured 42.0x at -0.25 pp."""
+    from squeeze.loader import load_onnx
+    from tests.support.models import digits_onnx_bytes
+
+    client = deployment.client(deployment.new_key(f"deep-compression-{uuid.uuid4().hex[:6]}"))
+    model_id = client.post("/v1/models", files={"file": ("digits.pt2", digits_pt2_bytes())}).json()["id"]
+    held_out = client.post("/v1/datasets", files={"file": ("held-out.npz", digits_npz_bytes())}).json()
+    x_train, y_train, x_test, y_test = digits_arrays()
+    buf = io.BytesIO()
+    np.savez(buf, input=x_train, labels=y_train)
+    train = client.post("/v1/datasets", files={"file": ("train.npz", buf.getvalue())}).json()
+    steps: list[dict[str, object]] = []
+    for sparsity in (0.5, 0.8, 0.9, 0.93, 0.95, 0.96):
+        steps += [
+            {"op": "prune", "method": "magnitude", "sparsity": sparsity},
+            {"op": "finetune", "method": "labels", "epochs": 20, "lr": 0.003},
+        ]
+    steps += [
+        {"op": "convert", "method": "onnx"},
+        {"op": "encode", "method": "squeeze", "value_bits": 4, "float_tensors": "float16"},
+    ]
+    spec = {
+        "model_id": model_id,
+        "dataset_id": held_out["id"],
+        "train_dataset_id": train["id"],
+        "steps": steps,
+        "evaluation": {"latency_runs": 2, "layer_sensitivity": "off"},
+    }
+    r = client.post("/v1/jobs", json=spec)
+    assert r.status_code == 202, r.text
+    job = wait_job(client, r.json()["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    base, result = job["metrics"]["baseline"], job["metrics"]["result"]
+    encode = job["report"]["steps"][-1]["details"]
+    fp32_onnx = len(digits_onnx_bytes())
+    print(
+        f"\ndigits Deep Compression pipeline: {result['size_bytes']} B, {fp32_onnx / result['size_bytes']:.1f}x vs the "
+        f"fp32 .onnx, held-out accuracy {base['accuracy']:.4f} -> {result['accuracy']:.4f}, sparsity "
+        f"{result['sparsity']:.3f}, half tensors {encode['half_tensors']}, graph dropped {encode['graph_dropped']}"
+    )
+    assert result["sparsity"] > 0.95 and encode["half_tensors"] == 4 and encode["format_version"] == 2
+    # A margin of one digit over the issue's 0.5 pp (two digits): training threads may order float sums differently.
+    assert fp32_onnx / result["size_bytes"] >= 40
+    assert base["accuracy"] - result["accuracy"] <= 0.0076
+
+    # Independently: the downloaded .sqz decodes with the client loader and scores the same in plain ONNX Runtime.
+    import onnxruntime as ort
+
+    art = next(a for a in job["artifacts"] if a["kind"] == "model")
+    path = tmp_path / "digits.sqz"
+    path.write_bytes(client.get(art["download_url"]).content)
+    assert path.stat().st_size == result["size_bytes"]
+    session = ort.InferenceSession(load_onnx(path).SerializeToString(), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    logits = np.concatenate([session.run(None, {name: x_test[i : i + 64]})[0] for i in range(0, len(x_test), 64)])
+    assert float((logits.argmax(1) == y_test).mean()) == pytest.approx(result["accuracy"], abs=1e-9)
