@@ -391,9 +391,9 @@ def _encoded(spec: SearchSpec, fmt: str, quants: list[str], by_key: dict[str, Tr
     """The smallest quantization that meets the budget without pruning, then stored with the squeeze encoding.
 
     The encoding stores an int8 or int4 model's codes exactly (entropy coding); weights the quantization left in
-    float are requantized at 8 bits, so the trial is measured against the constraint like any other. One at a
-    time, smallest first: the skip rule drops the rest once one is measured. Returns (recipes to start, one still
-    running)."""
+    float are requantized at 8 bits, so the trial is measured against the constraint like any other. One trial per
+    search, for the smallest only: it saves bytes, never accuracy, and pruned recipes (often far smaller) need the
+    trial budget more. Returns (recipes to start, one still running)."""
     if not _encode(fmt, spec):
         return [], False
     meeting = []
@@ -401,13 +401,11 @@ def _encoded(spec: SearchSpec, fmt: str, quants: list[str], by_key: dict[str, Tr
         anchor = _trial(Recipe(q), fmt, spec, by_key)
         if anchor is not None and _meets(spec, anchor):
             meeting.append((objective(spec, anchor.metrics) or float("inf"), q))
-    for _, q in sorted(meeting):
-        state = _state(Recipe(q, mode="encoded"), fmt, spec, by_key)
-        if state == "new":
-            return [Recipe(q, mode="encoded")], False
-        if state == "pending":
-            return [], True
-    return [], False
+    if not meeting:
+        return [], False
+    q = min(meeting)[1]
+    state = _state(Recipe(q, mode="encoded"), fmt, spec, by_key)
+    return ([Recipe(q, mode="encoded")], False) if state == "new" else ([], state == "pending")
 
 
 def _mixed_precision(spec: SearchSpec, fmt: str, q: str, by_key: dict[str, TrialView]) -> Recipe | None:
