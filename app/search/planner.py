@@ -399,7 +399,9 @@ def _encoded(spec: SearchSpec, fmt: str, quants: list[str], by_key: dict[str, Tr
     meeting = []
     for q in quants:
         anchor = _trial(Recipe(q), fmt, spec, by_key)
-        if anchor is not None and _meets(spec, anchor):
+        if anchor is None or anchor.status not in (*TERMINAL, "skipped"):
+            return [], anchor is not None  # which is smallest is known once every quantization alone is measured
+        if _meets(spec, anchor):
             meeting.append((objective(spec, anchor.metrics) or float("inf"), q))
     if not meeting:
         return [], False

@@ -165,6 +165,10 @@ def test_the_smallest_quantization_that_meets_the_budget_is_also_tried_encoded()
     done.metrics["result"].update(size_bytes=11_000, cosine=0.991)
     decision = planner.plan(spec, "onnx", [*trials, done], out_of_time=False)
     assert not decision.start and not decision.skipped and decision.finished
+    # Nothing is encoded before every quantization alone is measured: the smallest is not known yet.
+    running = planner.TrialView("job_wo", trials[1].steps, "running")
+    decision = planner.plan(spec, "onnx", [trials[0], running, trials[2]], out_of_time=False)
+    assert not decision.start and not decision.finished
     # A model format without the encoding never gets such a trial.
     assert planner.steps_for(planner.Recipe("int8_dynamic", mode="encoded"), "hf", spec) is None
 
