@@ -8,8 +8,11 @@ never imported by pytest.
   and DELETE.
 - Job specs: half of those with a well-formed ``model_id`` get the id of a model uploaded earlier in the run
   instead, and of a dataset (unless they carry a malformed ``dataset_id``), so that submission gets past "not
-  found" to the checks of spec against model and to 202. Only valid ids go in, for valid or absent ones: a
-  negative case stays negative.
+  found" to the checks of spec against model and to 202 (three in four, since most generated specs are refused on
+  their own). Only valid ids go in, for valid or absent ones: a negative case stays negative. In those, a
+  well-formed ``train_dataset_id`` or ``notify_url`` is dropped and ``device: cuda`` becomes ``cpu`` (valid values
+  this deployment refuses: no second dataset, webhooks off, no GPU worker), and a well-formed Idempotency-Key is
+  made unique (``before_call``).
   The test uploads a model and a dataset before the run for this (fuzzing may reach POST /v1/jobs before any
   upload); schemathesis finds their ids in listings too, so cases that would DELETE those two are dropped.
 - A retried upload (same ``Idempotency-Key``) gets the first upload back without its body being read, as
@@ -26,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -92,12 +96,39 @@ def _with_uploaded_ids(body: Any) -> st.SearchStrategy[Any]:
         return st.just(body)
     # A dataset too, unless the body carries an invalid dataset_id (its violation must stay): most steps need one.
     swap_dataset = bool(datasets) and (body.get("dataset_id") is None or _valid_id(body.get("dataset_id")))
+    # A well-formed train_dataset_id is left out: it is accepted only with a training step and a second dataset
+    # (never the evaluation one), so a made-up one would keep almost every case at 404. A malformed one stays.
+    rest = {k: v for k, v in body.items() if not (k == "train_dataset_id" and (v is None or _valid_id(v)))}
+    # Valid values this deployment refuses anyway (no GPU worker, webhooks off) are swapped for valid ones it takes.
+    if rest.get("device") == "cuda":
+        rest["device"] = "cpu"
+    if isinstance(rest.get("notify_url"), str):
+        del rest["notify_url"]
     real = st.builds(
-        lambda m, d: {**body, "model_id": m, **({"dataset_id": d} if swap_dataset else {})},
+        lambda m, d: {**rest, "model_id": m, **({"dataset_id": d} if swap_dataset else {})},
         st.sampled_from(models),
         st.sampled_from(datasets) if swap_dataset else st.none(),
     )
-    return st.one_of(st.just(body), real)
+    # Three in four: the accepting path is the deepest one, and most generated specs are refused on their own.
+    return st.one_of(st.just(body), real, real, real)
+
+
+@schemathesis.hook
+def before_call(context: schemathesis.HookContext, case: schemathesis.Case, **kwargs: Any) -> None:
+    """A job spec that got the seeded ids gets a fresh Idempotency-Key in place of a well-formed generated one: the
+    generator repeats short keys ("0", "00"), and a reused key is refused (422 idempotency_key_reused) or replayed,
+    which kept the accepting path of POST /v1/jobs from running in some runs. Malformed keys stay (negative)."""
+    if case.method.upper() != "POST" or case.operation.path != "/v1/jobs" or not isinstance(case.body, dict):
+        return
+    with _lock:
+        seeded = case.body.get("model_id") in _uploaded["/v1/models"]
+    for name, value in list((case.headers or {}).items()):
+        if seeded and name.lower() == "idempotency-key" and _well_formed_key(value):
+            case.headers[name] = uuid.uuid4().hex  # type: ignore[index]
+
+
+def _well_formed_key(value: Any) -> bool:
+    return isinstance(value, str) and 1 <= len(value) <= 200 and all("!" <= ch <= "~" for ch in value)
 
 
 def _error_code(response: schemathesis.Response) -> str | None:
