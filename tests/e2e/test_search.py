@@ -45,17 +45,30 @@ def _wait_search(client: httpx.Client, search_id: str, timeout: float = 600) -> 
     return wait_for(finished, timeout=timeout, interval=0.5, what=f"search {search_id} to finish")
 
 
+def _digits_user(deployment: Deployment, *, labels: bool = True) -> tuple[httpx.Client, str, str]:
+    """A new user with the digits CNN and its held-out digits uploaded: (client, model id, dataset id)."""
+    client = deployment.client(deployment.new_key(f"search-{uuid.uuid4().hex[:6]}"))
+    model = _upload(client, "/v1/models", digits_onnx_bytes(), "digits.onnx")
+    dataset = _upload(client, "/v1/datasets", digits_npz_bytes(labels=labels), "digits.npz")
+    return client, model["id"], dataset["id"]
+
+
+def _run_search(client: httpx.Client, timeout: float = 600, **spec: Any) -> dict[str, Any]:
+    """Submit a search (202 expected) and wait for its end."""
+    r = client.post("/v1/searches", json=spec)
+    assert r.status_code == 202, r.text
+    return _wait_search(client, r.json()["job"]["id"], timeout=timeout)
+
+
 def test_search_with_a_one_point_budget_beats_every_single_recipe_and_keeps_its_promise(
     deployment: Deployment, tmp_path: Path
 ) -> None:
-    client = deployment.client(deployment.new_key(f"search-{uuid.uuid4().hex[:6]}"))
-    model = _upload(client, "/v1/models", digits_onnx_bytes(), "digits.onnx")
-    dataset = _upload(client, "/v1/datasets", digits_npz_bytes(), "digits.npz")
+    client, model_id, dataset_id = _digits_user(deployment)
     r = client.post(
         "/v1/searches",
         json={
-            "model_id": model["id"],
-            "dataset_id": dataset["id"],
+            "model_id": model_id,
+            "dataset_id": dataset_id,
             "constraint": {"max_accuracy_drop": 0.01},
             "objective": "size",
             "max_trials": 16,
@@ -76,7 +89,7 @@ def test_search_with_a_one_point_budget_beats_every_single_recipe_and_keeps_its_
     for method in ("int8_dynamic", "int8_static", "fp16"):
         job = client.post(
             "/v1/jobs",
-            json={"model_id": model["id"], "dataset_id": dataset["id"], "steps": [{"method": method}]},
+            json={"model_id": model_id, "dataset_id": dataset_id, "steps": [{"method": method}]},
         ).json()
         job = wait_job(client, job["id"])
         base, res = job["metrics"]["baseline"], job["metrics"]["result"]
@@ -123,20 +136,14 @@ def test_search_with_a_one_point_budget_beats_every_single_recipe_and_keeps_its_
 
 
 def test_search_with_an_impossible_budget_returns_the_closest_miss_and_by_how_much(deployment: Deployment) -> None:
-    client = deployment.client(deployment.new_key(f"search-{uuid.uuid4().hex[:6]}"))
-    model = _upload(client, "/v1/models", digits_onnx_bytes(), "digits.onnx")
-    dataset = _upload(client, "/v1/datasets", digits_npz_bytes(), "digits.npz")
-    r = client.post(
-        "/v1/searches",
-        json={
-            "model_id": model["id"],
-            "dataset_id": dataset["id"],
-            "constraint": {"min_cosine": 1.0},
-            "space": {"quantize": ["int8_dynamic", "int8_static"], "sparsity": [0.5]},
-        },
+    client, model_id, dataset_id = _digits_user(deployment)
+    search = _run_search(
+        client,
+        model_id=model_id,
+        dataset_id=dataset_id,
+        constraint={"min_cosine": 1.0},
+        space={"quantize": ["int8_dynamic", "int8_static"], "sparsity": [0.5]},
     )
-    assert r.status_code == 202, r.text
-    search = _wait_search(client, r.json()["job"]["id"])
     assert search["job"]["status"] == "succeeded"
     result = search["result"]
     assert result["best"] is None
@@ -148,48 +155,30 @@ def test_search_with_an_impossible_budget_returns_the_closest_miss_and_by_how_mu
 
 
 def test_search_refuses_what_cannot_be_searched(deployment: Deployment) -> None:
-    client = deployment.client(deployment.new_key(f"search-{uuid.uuid4().hex[:6]}"))
-    model = _upload(client, "/v1/models", digits_onnx_bytes(), "digits.onnx")
-    unlabelled = _upload(client, "/v1/datasets", digits_npz_bytes(labels=False), "x.npz")
-    r = client.post(
-        "/v1/searches",
-        json={"model_id": model["id"], "dataset_id": unlabelled["id"], "constraint": {"max_accuracy_drop": 0.01}},
-    )
+    client, model_id, unlabelled_id = _digits_user(deployment, labels=False)
+    ids = {"model_id": model_id, "dataset_id": unlabelled_id}
+    r = client.post("/v1/searches", json={**ids, "constraint": {"max_accuracy_drop": 0.01}})
     assert r.status_code == 422 and r.json()["error"]["code"] == "labels_required"
     r = client.post(
-        "/v1/searches",
-        json={
-            "model_id": model["id"],
-            "dataset_id": unlabelled["id"],
-            "constraint": {"min_cosine": 0.99},
-            "space": {"quantize": ["int3_magic"]},
-        },
+        "/v1/searches", json={**ids, "constraint": {"min_cosine": 0.99}, "space": {"quantize": ["int3_magic"]}}
     )
     assert r.status_code == 422 and r.json()["error"]["code"] == "method_not_supported"
-    r = client.post(
-        "/v1/searches",
-        json={"model_id": model["id"], "dataset_id": unlabelled["id"], "constraint": {}},
-    )
+    r = client.post("/v1/searches", json={**ids, "constraint": {}})
     assert r.status_code == 422
 
 
 def test_a_spent_time_budget_stops_the_search_with_what_it_measured(deployment: Deployment) -> None:
-    client = deployment.client(deployment.new_key(f"search-{uuid.uuid4().hex[:6]}"))
-    model = _upload(client, "/v1/models", digits_onnx_bytes(), "digits.onnx")
-    dataset = _upload(client, "/v1/datasets", digits_npz_bytes(), "digits.npz")
-    r = client.post(
-        "/v1/searches",
-        json={
-            "model_id": model["id"],
-            "dataset_id": dataset["id"],
-            "constraint": {"max_accuracy_drop": 0.01},
-            "time_budget_s": 10,
-            # One worker, a few seconds a trial: the 10 s budget runs out with trials still queued.
-            "space": {"quantize": ["int8_dynamic", "int8_static", "fp16", "int8_weight_only"]},
-        },
+    client, model_id, dataset_id = _digits_user(deployment)
+    search = _run_search(
+        client,
+        timeout=300,
+        model_id=model_id,
+        dataset_id=dataset_id,
+        constraint={"max_accuracy_drop": 0.01},
+        time_budget_s=10,
+        # One worker, a few seconds a trial: the 10 s budget runs out with trials still queued.
+        space={"quantize": ["int8_dynamic", "int8_static", "fp16", "int8_weight_only"]},
     )
-    assert r.status_code == 202, r.text
-    search = _wait_search(client, r.json()["job"]["id"], timeout=300)
     assert search["job"]["status"] == "succeeded", search["job"]["error"]
     statuses = [t["status"] for t in search["trials"] if t["job_id"]]
     assert "cancelled" in statuses, statuses  # unfinished trials were stopped when the budget was spent
