@@ -29,7 +29,6 @@ import sys
 import tempfile
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,7 @@ from app.jobs.spec import (
     parse_pattern,
 )
 from worker.compress.pruning import magnitude_report, nm_mask, row_keep, step_masks
-from worker.compress.types import CompressionError, EvalData, StepContext, StepReport
+from worker.compress.types import CompressionError, EvalData, StepContext, StepReport, torch_errors
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -148,7 +147,7 @@ def save_folder(model: transformers.PreTrainedModel, source: Path, dst: Path) ->
     """
     with tempfile.TemporaryDirectory(prefix="hf-save-") as tmp:
         out = Path(tmp) / "model"
-        with _torch_errors("save_failed", "save_pretrained"), contextlib.redirect_stdout(sys.stderr):
+        with torch_errors("save_failed", "save_pretrained"), contextlib.redirect_stdout(sys.stderr):
             model.save_pretrained(out, safe_serialization=True)
         for item in sorted(source.iterdir()):
             name = item.name
@@ -175,17 +174,6 @@ def _zip_folder(folder: Path, dst: Path) -> None:
     tmp.replace(dst)
 
 
-@contextlib.contextmanager
-def _torch_errors(code: str, what: str) -> Iterator[None]:
-    """The library's own message is what the user needs; wrap it in a CompressionError with our code."""
-    try:
-        yield
-    except CompressionError:
-        raise
-    except Exception as exc:
-        raise CompressionError(code, f"{what} failed: {type(exc).__name__}: {exc}"[:2000]) from exc
-
-
 # ----------------------------------------------------------------------------------------------------
 # Loading and running
 
@@ -198,7 +186,7 @@ def load_model(folder: Path, **kwargs: Any) -> transformers.PreTrainedModel:
     except InvalidUpload as exc:
         raise CompressionError(exc.code, exc.message, exc.details) from exc
     auto = getattr(transformers, _AUTO_CLASSES[task])
-    with _torch_errors("unsupported_model", f"loading the model with transformers.{_AUTO_CLASSES[task]}"):
+    with torch_errors("unsupported_model", f"loading the model with transformers.{_AUTO_CLASSES[task]}"):
         model = auto.from_pretrained(
             str(folder), trust_remote_code=False, use_safetensors=True, local_files_only=True, **kwargs
         )
@@ -346,7 +334,7 @@ def _example_batch(model: transformers.PreTrainedModel, batch_size: int, seed: i
 def _check_loads(dst: Path) -> None:
     """Load a written folder and run it once, so a broken artifact fails the step that wrote it."""
     runner = HfRunner(model_folder(dst), "cpu")
-    with _torch_errors("invalid_output", "running the written model"):
+    with torch_errors("invalid_output", "running the written model"):
         runner(_example_batch(runner.model, 2))
 
 
@@ -361,7 +349,7 @@ def load_text_dataset(path: Path, model_path: Path, *, limit: int | None = None)
 
     folder = model_folder(model_path)
     config = read_config(folder)
-    with _torch_errors("tokenizer_failed", "loading the model's tokenizer"):
+    with torch_errors("tokenizer_failed", "loading the model's tokenizer"):
         tokenizer = transformers.AutoTokenizer.from_pretrained(
             str(folder), trust_remote_code=False, local_files_only=True
         )
@@ -373,7 +361,7 @@ def load_text_dataset(path: Path, model_path: Path, *, limit: int | None = None)
     max_length = min(int(b) for b in bounds if isinstance(b, int) and b > 0)
     texts = [r.text for r in records]
     pairs = [r.text_pair or "" for r in records] if records[0].text_pair is not None else None
-    with _torch_errors("tokenizer_failed", "tokenizing the dataset"):
+    with torch_errors("tokenizer_failed", "tokenizing the dataset"):
         encoded = tokenizer(texts, pairs, padding="longest", truncation=True, max_length=max_length)
     inputs = {k: np.asarray(v, dtype=np.int64) for k, v in encoded.items() if k in TEXT_INPUTS}
     labels = None
@@ -504,7 +492,7 @@ class HfBackend:
             raise CompressionError("dataset_required", "wanda scores weights by input activations: add a dataset")
         folder, model, linears = _load_prunable(src)
         data = ctx.data.head(step.calibration_samples)
-        with _torch_errors("calibration_failed", "running the model for wanda"):
+        with torch_errors("calibration_failed", "running the model for wanda"):
             norms = _input_norms(model, linears, data)
         pattern = parse_pattern(step.pattern) if step.pattern else None
         masks = {}
@@ -565,7 +553,7 @@ class HfBackend:
         from worker.compress.onnx_format import _save_model as _save_onnx
 
         folder = model_folder(src)
-        with _torch_errors("conversion_failed", "loading the model for export"):
+        with torch_errors("conversion_failed", "loading the model for export"):
             model = load_model(folder, attn_implementation="eager")
         accepted = _accepted_inputs(model)
         if ctx.data is not None and ctx.data.num_samples >= 2:
@@ -600,7 +588,7 @@ class HfBackend:
         feed = {n: torch.from_numpy(np.ascontiguousarray(inputs[n])).long() for n in names}
         # The exporter reports progress with print(); stdout is the sandbox's result channel.
         with (
-            _torch_errors("conversion_failed", "ONNX export (torch.onnx, dynamo)"),
+            torch_errors("conversion_failed", "ONNX export (torch.onnx, dynamo)"),
             contextlib.redirect_stdout(sys.stderr),
         ):
             program = torch.onnx.export(
@@ -671,7 +659,7 @@ def _torchao(src: Path, dst: Path, method: str, quant_type: Any) -> StepReport:
     """Quantize nn.Linear weights with torchao through transformers' TorchAoConfig (applied while loading) and
     save as safetensors: the folder loads with plain ``from_pretrained`` where torchao is installed."""
     folder = model_folder(src)
-    with _torch_errors("quantization_failed", f"{method} quantization (torchao)"):
+    with torch_errors("quantization_failed", f"{method} quantization (torchao)"):
         model = load_model(folder, quantization_config=transformers.TorchAoConfig(quant_type))
     quantized = [
         name for name, p in model.named_parameters() if type(p) not in (torch.Tensor, nn.Parameter) and p.dim() == 2
@@ -692,7 +680,7 @@ def _torchao(src: Path, dst: Path, method: str, quant_type: Any) -> StepReport:
 
 def _half(src: Path, dst: Path, method: str, dtype: torch.dtype) -> StepReport:
     folder = model_folder(src)
-    with _torch_errors("quantization_failed", f"{method} conversion"):
+    with torch_errors("quantization_failed", f"{method} conversion"):
         model = load_model(folder, dtype=dtype)
     halves = sum(1 for p in model.parameters() if p.dtype == dtype)
     save_folder(model, folder, dst)

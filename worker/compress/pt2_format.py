@@ -51,7 +51,7 @@ from app.jobs.spec import (
 )
 from worker.compress.backend import QuantizeStepT
 from worker.compress.pruning import magnitude_report, step_masks
-from worker.compress.types import CompressionError, EvalData, StepContext, StepReport
+from worker.compress.types import CompressionError, EvalData, StepContext, StepReport, torch_errors
 
 _WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 _CONV_OPS = {
@@ -319,17 +319,6 @@ def _tensor_leaves(out: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
-@contextlib.contextmanager
-def _torch_errors(code: str, what: str) -> Iterator[None]:
-    """Torch's own message is what the user needs; wrap it in a CompressionError with our code."""
-    try:
-        yield
-    except CompressionError:
-        raise
-    except Exception as exc:
-        raise CompressionError(code, f"{what} failed: {type(exc).__name__}: {exc}"[:2000]) from exc
-
-
 # ----------------------------------------------------------------------------------------------------
 # Weights
 
@@ -416,7 +405,7 @@ def _write_masked(
     """Zero ``weights`` outside their keep-masks, save and check the program: (per-layer rows, zeros, total)."""
     layers = []
     zeros = total = 0
-    with _torch_errors("pruning_failed", "writing the pruned weights"), torch.no_grad():
+    with torch_errors("pruning_failed", "writing the pruned weights"), torch.no_grad():
         for key, t in weights.items():
             t.mul_(torch.from_numpy(masks[key]).to(device=t.device, dtype=t.dtype))
             z = t.numel() - int(torch.count_nonzero(t))
@@ -472,7 +461,7 @@ def _check_runs(path: Path) -> None:
     runner = Pt2Runner(ep, "cpu")
     tensors = _random_tensors(ep, runner.fixed_batch or 2)
     inputs = {s.name: _numpy(t) for s, t in zip(_tensor_inputs(ep), tensors, strict=True)}
-    with _torch_errors("invalid_output", "running the written model"):
+    with torch_errors("invalid_output", "running the written model"):
         runner(inputs)
 
 
@@ -507,7 +496,7 @@ def _reexport(ep: ExportedProgram, module: torch.nn.Module, dst: Path) -> None:
     # Example sizes of at least 2: export specializes dynamic dimensions whose example is 0 or 1.
     flat = _random_tensors(ep, 4, at_least=2)
     args, kwargs, dynamic_shapes = _dynamic_shapes(ep, module, flat)
-    with _torch_errors("export_failed", "re-exporting the transformed model with torch.export"):
+    with torch_errors("export_failed", "re-exporting the transformed model with torch.export"):
         new_ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
         _save(new_ep, dst)
 
@@ -654,7 +643,7 @@ class Pt2Backend:
         if device not in ("cpu", "cuda"):
             raise CompressionError("device_unavailable", f"unknown device {device!r}")
         ep = _load(path)
-        with _torch_errors("invalid_model", "preparing the program for execution"):
+        with torch_errors("invalid_model", "preparing the program for execution"):
             return Pt2Runner(ep, device, kernels)
 
     def open_kernel_runner(self, path: Path, device: str) -> Pt2Runner:
@@ -748,7 +737,7 @@ class Pt2Backend:
         expected = runner(inputs)
         # The exporter reports progress with print(); stdout is the sandbox's result channel.
         with (
-            _torch_errors("conversion_failed", "ONNX export (torch.onnx, dynamo)"),
+            torch_errors("conversion_failed", "ONNX export (torch.onnx, dynamo)"),
             contextlib.redirect_stdout(sys.stderr),
         ):
             program = torch.onnx.export(ep, dynamo=True, opset_version=step.opset, verbose=False)
@@ -829,7 +818,7 @@ class Pt2Backend:
         if device == "cuda":
             notes.append("Quantized and calibrated on the CPU: X86InductorQuantizer targets x86 kernels.")
         samples = step.calibration_samples if static else 0
-        with _torch_errors("quantization_failed", f"{step.method} quantization (torchao PT2E)"):
+        with torch_errors("quantization_failed", f"{step.method} quantization (torchao PT2E)"):
             quantizer = X86InductorQuantizer().set_global(_x86_config(not static, step.per_channel))
             prepared = prepare_pt2e(ep.module(), quantizer)
             with torch.no_grad():
@@ -862,7 +851,7 @@ class Pt2Backend:
 
     def _half(self, ep: ExportedProgram, dst: Path, method: Literal["fp16", "bf16"]) -> StepReport:
         dtype = torch.float16 if method == "fp16" else torch.bfloat16
-        with _torch_errors("quantization_failed", f"{method} conversion"):
+        with torch_errors("quantization_failed", f"{method} conversion"):
             gm = ep.module()
             _to_half_graph(gm, dtype)
             halves = sum(1 for t in [*gm.parameters(), *gm.buffers()] if t.dtype == dtype)  # now stored in half

@@ -48,10 +48,16 @@ from worker.compress.pt2_format import (
     _prunable_weights,
     _reduction_axis,
     _save,
-    _torch_errors,
     _write_masked,
 )
-from worker.compress.types import MAX_TRAIN_SAMPLES, CompressionError, EvalData, StepContext, StepReport
+from worker.compress.types import (
+    MAX_TRAIN_SAMPLES,
+    CompressionError,
+    EvalData,
+    StepContext,
+    StepReport,
+    torch_errors,
+)
 
 HOLDOUT_SHARE = 0.2
 MIN_SAMPLES_FOR_HOLDOUT = 50  # below this, before/after are measured on the training data itself
@@ -407,7 +413,7 @@ def prune_gradient(src: Path, dst: Path, step: PruneGradient, ctx: StepContext) 
     ep = _load(src)
     nodes, weights = _prunable_weights(ep)
     targets = targets_for("saliency", plan.train, plan.teacher)
-    with _torch_errors("training_failed", "accumulating gradient saliency"):
+    with torch_errors("training_failed", "accumulating gradient saliency"):
         scores, used = saliency(Program(ep, plan.train, ctx.device), targets, list(weights), step.samples)
     masks = step_masks(
         scores,
@@ -440,7 +446,7 @@ def prune_regularized(src: Path, dst: Path, step: PruneRegularized, ctx: StepCon
     ep = _load(src)
     nodes, _ = _prunable_weights(ep)
     targets = targets_for("auto", plan.train, plan.teacher, temperature=2.0)
-    with _torch_errors("training_failed", "prune/regularized training"):
+    with torch_errors("training_failed", "prune/regularized training"):
         prog = Program(ep, plan.train, ctx.device)
         before = quality(prog, plan.measure, plan.measure_idx, plan.reference)
         result = train(
@@ -517,7 +523,7 @@ def finetune_steps(
     before/after (``training_plan``) and confirm the zeros are where they were. Shared by the pt2 and hf backends."""
     plan = training_plan(ctx, f"finetune/{step.method}")
     targets = targets_for(step.method, plan.train, plan.teacher, step.temperature)
-    with _torch_errors("training_failed", f"finetune/{step.method}"):
+    with torch_errors("training_failed", f"finetune/{step.method}"):
         prog = build(plan.train)
         zeros_before, total = sparsity(prog)
         before = quality(prog, plan.measure, plan.measure_idx, plan.reference)

@@ -36,10 +36,9 @@ from worker.compress.pt2_format import (
     _is_quant_op,
     _op_name,
     _reexport,
-    _torch_errors,
     _weight_inputs,
 )
-from worker.compress.types import CompressionError, StepReport
+from worker.compress.types import CompressionError, StepReport, torch_errors
 
 _SCALE_DTYPE = torch.float16
 _MIN_SCALE = 2.0**-14  # float16's smallest normal number: smaller scales would lose precision as subnormals
@@ -117,7 +116,7 @@ def quantize_weight_only(
     wanted = {"linear", *step.include}
     layers: list[dict[str, Any]] = []
     left: list[str] = []
-    with _torch_errors("quantization_failed", f"{step.method} quantization"):
+    with torch_errors("quantization_failed", f"{step.method} quantization"):
         gm = ep.module()
         graph = gm.graph
         reads: dict[str, int] = {}

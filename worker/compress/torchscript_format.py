@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from app.jobs.spec import ConvertOnnx, PruneMagnitude, QuantizeBf16, QuantizeFp1
 from worker.compress.backend import QuantizeStepT
 from worker.compress.convert import onnx_conversion_report
 from worker.compress.pruning import magnitude_report, step_masks
-from worker.compress.types import CompressionError, EvalData, StepContext, StepReport
+from worker.compress.types import CompressionError, EvalData, StepContext, StepReport, torch_errors
 
 _CONV_KINDS = {
     f"aten::{name}"
@@ -202,17 +201,6 @@ def _array(inputs: dict[str, np.ndarray], name: str, names: list[str]) -> np.nda
     )
 
 
-@contextlib.contextmanager
-def _torch_errors(code: str, what: str) -> Iterator[None]:
-    """Torch's own message is what the user needs; wrap it in a CompressionError with our code."""
-    try:
-        yield
-    except CompressionError:
-        raise
-    except Exception as exc:
-        raise CompressionError(code, f"{what} failed: {type(exc).__name__}: {exc}"[:2000]) from exc
-
-
 def _example_inputs(path: Path, names: list[str], batch_size: int) -> dict[str, np.ndarray]:
     """Random inputs shaped like a traced archive's recorded example inputs, batch dimension set to ``batch_size``."""
     with zipfile.ZipFile(path) as zf:
@@ -261,7 +249,7 @@ def _check_runs(path: Path, data: EvalData | None) -> list[str]:
     inputs = _check_inputs(path, runner.input_names, data)
     if inputs is None:
         return ["The written model was loaded but not run: without a dataset there are no inputs to run it on."]
-    with _torch_errors("invalid_output", "running the written model"):
+    with torch_errors("invalid_output", "running the written model"):
         runner(inputs)
     return []
 
@@ -438,7 +426,7 @@ class TorchScriptBackend:
         )
         layers = []
         zeros = total = 0
-        with _torch_errors("pruning_failed", "writing the pruned weights"), torch.no_grad():
+        with torch_errors("pruning_failed", "writing the pruned weights"), torch.no_grad():
             for key, (t, _) in prunable.items():
                 t.mul_(torch.from_numpy(masks[key]).to(device=t.device, dtype=t.dtype))
                 z = t.numel() - int(torch.count_nonzero(t))
@@ -466,7 +454,7 @@ class TorchScriptBackend:
     def _cast(self, src: Path, dst: Path, dtype: torch.dtype, ctx: StepContext | None) -> StepReport:
         method = "fp16" if dtype == torch.float16 else "bf16"
         before = self.stored_size(src)
-        with _torch_errors("quantization_failed", f"{method} conversion"):
+        with torch_errors("quantization_failed", f"{method} conversion"):
             root = _model_root(_load(src))
             root.to(dtype)  # floating parameters and buffers only
             cast = sum(1 for t in _weights(root).values() if t.dtype == dtype)
@@ -513,7 +501,7 @@ class TorchScriptBackend:
         dynamic = {name: {0: "batch"} for name in [*names, *outputs]}
         # The exporter (and the module's own print calls while it is traced) write to stdout: see the runner.
         with (
-            _torch_errors("conversion_failed", "ONNX export (torch.onnx, TorchScript)"),
+            torch_errors("conversion_failed", "ONNX export (torch.onnx, TorchScript)"),
             contextlib.redirect_stdout(sys.stderr),
         ):
             torch.onnx.export(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +25,18 @@ class CompressionError(Exception):
         self.code = code
         self.message = message
         self.details = details or {}
+
+
+@contextlib.contextmanager
+def torch_errors(code: str, what: str) -> Iterator[None]:
+    """The library's own message (torch, transformers, torchao) is what the user needs: any exception raised inside
+    becomes a CompressionError with our ``code``; a CompressionError passes through unchanged."""
+    try:
+        yield
+    except CompressionError:
+        raise
+    except Exception as exc:
+        raise CompressionError(code, f"{what} failed: {type(exc).__name__}: {exc}"[:2000]) from exc
 
 
 @dataclass(frozen=True)
