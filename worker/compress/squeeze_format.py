@@ -412,10 +412,10 @@ def lean_graph(model: onnx.ModelProto) -> dict[str, int]:
     class hierarchy) and the intermediate ``value_info`` shape hints (ONNX Runtime infers shapes). Nodes, names,
     opsets, inputs, outputs and model metadata stay. On the 96%-pruned digits CNN converted from ``.pt2`` these were
     ~1 KB of its ~1.5 KB compressed graph: a quarter of the whole file. Returns what was dropped, by kind."""
+    from worker.compress.onnx_format import _all_subgraphs
+
     dropped = {"node_metadata": 0, "doc_strings": 0, "value_info": 0}
-    graphs = [model.graph]
-    while graphs:
-        graph = graphs.pop()
+    for graph in _all_subgraphs(model.graph):
         dropped["value_info"] += len(graph.value_info)
         del graph.value_info[:]
         for node in graph.node:
@@ -424,8 +424,6 @@ def lean_graph(model: onnx.ModelProto) -> dict[str, int]:
             if node.doc_string:
                 dropped["doc_strings"] += 1
                 node.doc_string = ""
-            for attr in node.attribute:
-                graphs += [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
     return dropped
 
 
