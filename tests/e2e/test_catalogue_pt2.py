@@ -10,7 +10,9 @@ import sys
 import textwrap
 import uuid
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -93,21 +95,25 @@ def test_finetune_on_labels_needs_a_labelled_dataset(deployment: Deployment) -> 
     assert r.status_code == 422 and r.json()["error"]["code"] == "labels_required"
 
 
-def test_finetune_trains_on_the_train_dataset_and_is_measured_on_the_held_out_one(deployment: Deployment) -> None:
-    """train_dataset_id: the 1400 training digits train the fine-tune; the 397 held-out digits (dataset_id) measure
-    it, before/after included, so the job's accuracy is on data the model never trained on."""
-    client = deployment.client(deployment.new_key(f"catalogue-pt2-{uuid.uuid4().hex[:6]}"))
+def _digits_pt2_with_train_data(
+    deployment: Deployment, name: str
+) -> tuple[httpx.Client, str, dict[str, Any], dict[str, Any]]:
+    """A new user with the digits .pt2, the 397 held-out digits and the 1,400 labelled training digits uploaded:
+    (client, model id, held-out dataset, train dataset)."""
+    client = deployment.client(deployment.new_key(f"{name}-{uuid.uuid4().hex[:6]}"))
     model_id = client.post("/v1/models", files={"file": ("digits.pt2", digits_pt2_bytes())}).json()["id"]
     held_out = client.post("/v1/datasets", files={"file": ("held-out.npz", digits_npz_bytes())}).json()
     x_train, y_train, _, _ = digits_arrays()
     buf = io.BytesIO()
     np.savez(buf, input=x_train, labels=y_train)
     train = client.post("/v1/datasets", files={"file": ("train.npz", buf.getvalue())}).json()
-    assert train["num_samples"] == 1400 and held_out["num_samples"] == 397
-    steps = [
-        {"op": "prune", "method": "magnitude", "sparsity": 0.9},
-        {"op": "finetune", "method": "distill", "epochs": 3, "lr": 0.003},
-    ]
+    return client, model_id, held_out, train
+
+
+def _run_trained(
+    client: httpx.Client, model_id: str, held_out: dict[str, Any], train: dict[str, Any], steps: list[dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Submit ``steps`` trained on ``train`` and measured on ``held_out``, wait for success: (job, spec)."""
     spec = {
         "model_id": model_id,
         "dataset_id": held_out["id"],
@@ -117,8 +123,21 @@ def test_finetune_trains_on_the_train_dataset_and_is_measured_on_the_held_out_on
     }
     r = client.post("/v1/jobs", json=spec)
     assert r.status_code == 202, r.text
-    job = wait_job(client, r.json()["id"])
+    job = wait_job(client, r.json()["id"], timeout=300)
     assert job["status"] == "succeeded", job["error"]
+    return job, spec
+
+
+def test_finetune_trains_on_the_train_dataset_and_is_measured_on_the_held_out_one(deployment: Deployment) -> None:
+    """train_dataset_id: the 1400 training digits train the fine-tune; the 397 held-out digits (dataset_id) measure
+    it, before/after included, so the job's accuracy is on data the model never trained on."""
+    client, model_id, held_out, train = _digits_pt2_with_train_data(deployment, "catalogue-pt2")
+    assert train["num_samples"] == 1400 and held_out["num_samples"] == 397
+    steps = [
+        {"op": "prune", "method": "magnitude", "sparsity": 0.9},
+        {"op": "finetune", "method": "distill", "epochs": 3, "lr": 0.003},
+    ]
+    job, spec = _run_trained(client, model_id, held_out, train, steps)
 
     result = job["metrics"]["result"]
     finetune = job["report"]["steps"][1]
@@ -145,6 +164,7 @@ def test_finetune_trains_on_the_train_dataset_and_is_measured_on_the_held_out_on
 
     # The train dataset's bytes are part of the cache key: the same job again is a hit, other training data is not.
     assert client.post("/v1/jobs", json=spec).json()["cache_hit"] is True
+    x_train, y_train, _, _ = digits_arrays()
     half = io.BytesIO()
     np.savez(half, input=x_train[:700], labels=y_train[:700])
     fewer = client.post("/v1/datasets", files={"file": ("train-700.npz", half.getvalue())}).json()
@@ -162,14 +182,9 @@ def test_deep_compression_pipeline_as_one_job_is_40x_smaller_at_held_out_accurac
     from squeeze.loader import load_onnx
     from tests.support.models import digits_onnx_bytes
 
-    client = deployment.client(deployment.new_key(f"deep-compression-{uuid.uuid4().hex[:6]}"))
-    model_id = client.post("/v1/models", files={"file": ("digits.pt2", digits_pt2_bytes())}).json()["id"]
-    held_out = client.post("/v1/datasets", files={"file": ("held-out.npz", digits_npz_bytes())}).json()
-    x_train, y_train, x_test, y_test = digits_arrays()
-    buf = io.BytesIO()
-    np.savez(buf, input=x_train, labels=y_train)
-    train = client.post("/v1/datasets", files={"file": ("train.npz", buf.getvalue())}).json()
-    steps: list[dict[str, object]] = []
+    client, model_id, held_out, train = _digits_pt2_with_train_data(deployment, "deep-compression")
+    _, _, x_test, y_test = digits_arrays()
+    steps: list[dict[str, Any]] = []
     for sparsity in (0.5, 0.8, 0.9, 0.93, 0.95, 0.96):
         steps += [
             {"op": "prune", "method": "magnitude", "sparsity": sparsity},
@@ -179,17 +194,7 @@ def test_deep_compression_pipeline_as_one_job_is_40x_smaller_at_held_out_accurac
         {"op": "convert", "method": "onnx"},
         {"op": "encode", "method": "squeeze", "value_bits": 4, "float_tensors": "float16"},
     ]
-    spec = {
-        "model_id": model_id,
-        "dataset_id": held_out["id"],
-        "train_dataset_id": train["id"],
-        "steps": steps,
-        "evaluation": {"latency_runs": 2, "layer_sensitivity": "off"},
-    }
-    r = client.post("/v1/jobs", json=spec)
-    assert r.status_code == 202, r.text
-    job = wait_job(client, r.json()["id"], timeout=300)
-    assert job["status"] == "succeeded", job["error"]
+    job, _ = _run_trained(client, model_id, held_out, train, steps)
     base, result = job["metrics"]["baseline"], job["metrics"]["result"]
     encode = job["report"]["steps"][-1]["details"]
     fp32_onnx = len(digits_onnx_bytes())
