@@ -109,7 +109,7 @@ def steps_for(recipe: Recipe, fmt: str, spec: SearchSpec) -> list[dict[str, Any]
         quantize: dict[str, Any] = {"op": "quantize", "method": recipe.quantize}
         if recipe.exclude:
             quantize["exclude"] = list(recipe.exclude)
-        if recipe.quantize in MIXED_PRECISION and spec.objective == "size" and fmt in TABLE_FORMATS:
+        if recipe.quantize in MIXED_PRECISION and spec.objective == "size" and _takes(fmt, recipe.quantize, "include"):
             quantize["include"] = ["embedding"]
         steps.append(quantize)
     sparse = recipe.mode != "structured" and (recipe.sparsity > 0 or recipe.pattern)
@@ -273,6 +273,12 @@ def _has(fmt: str, op: str, method: str) -> bool:
     return method in CAPABILITIES.get(fmt, {}).get(op, {})
 
 
+def _takes(fmt: str, method: str, option: str) -> bool:
+    """Whether the format's quantize step ``method`` accepts ``option`` (capabilities list the ones it refuses)."""
+    info = CAPABILITIES.get(fmt, {}).get("quantize", {}).get(method)
+    return info is not None and option not in info.get("unsupported_options", ())
+
+
 def _runs(fmt: str, steps: list[dict[str, Any]]) -> bool:
     class _Step:
         def __init__(self, s: dict[str, Any]) -> None:
@@ -383,8 +389,7 @@ def _line(
 
 MIXED_PRECISION = ("int8_weight_only", "int4_weight_only")  # the methods whose steps take ``exclude``
 # Weight-only steps leave embedding tables in float unless asked (``include``); for the size objective the search
-# asks, on the formats whose weight-only steps quantize tables (MiniLM: the table is half of its int8 bytes).
-TABLE_FORMATS = ("onnx", "pt2")
+# asks, where the format's step takes ``include`` (MiniLM: the table is half of its int8 bytes).
 
 
 def _encoded(spec: SearchSpec, fmt: str, quants: list[str], by_key: dict[str, TrialView]) -> tuple[list[Recipe], bool]:
