@@ -15,6 +15,7 @@ from starlette.routing import Match
 from starlette.types import Scope
 
 from app.artifacts.router import router as artifacts_router
+from app.changes import FEED, feeds_changes, invalidate_on_commit
 from app.dashboard.router import router as dashboard_router
 from app.datasets.router import router as datasets_router
 from app.errors import SqueezeError, error_body
@@ -73,6 +74,9 @@ def make_lifespan(migrate_on_start: bool) -> Callable[[FastAPI], AbstractAsyncCo
 
             upgrade_database()
         background = [asyncio.create_task(reconcile_forever(settings))]
+        if feeds_changes(settings.resolved_database_url):
+            invalidate_on_commit()
+            background.append(asyncio.create_task(FEED.listen_forever(settings.resolved_database_url)))
         if settings.webhook_secret.get_secret_value():
             from app.webhooks import deliver_forever
 
@@ -82,6 +86,8 @@ def make_lifespan(migrate_on_start: bool) -> Callable[[FastAPI], AbstractAsyncCo
         finally:
             for task in background:
                 task.cancel()
+            # Awaited, so that the change feed has counted its listener out before another app starts here.
+            await asyncio.gather(*background, return_exceptions=True)
 
     return lifespan
 

@@ -6,7 +6,8 @@ brute-force, and lookups stay cheap on every request. Comparison is constant-tim
 Every request is authenticated, but a key checked against the database in the last ``auth_cache_s`` seconds
 (5 by default) is accepted from an in-process cache: the lookup was most of the cost of a status poll. So a key
 revoked from another process (``squeeze keys revoke``, another API process) is refused at most that long later;
-one revoked through this process is dropped from its cache at once.
+one revoked through this process is dropped from its cache at once. On PostgreSQL the database's change notifications
+(app.changes) drop a key revoked or a user changed by any process within milliseconds; the TTL bounds the rest.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session, make_transient_to_detached
 
+from app.changes import FEED
 from app.config import get_settings
 from app.errors import Conflict, NotFound, Unauthorized
 from app.tables import ApiKey, User, utcnow
@@ -75,8 +77,19 @@ class KeyCache:
             for digest in [d for d, e in self._entries.items() if e.prefix == prefix]:
                 del self._entries[digest]
 
+    def drop_user(self, user_id: str) -> None:
+        with self._lock:
+            for digest in [d for d, e in self._entries.items() if e.user.id == user_id]:
+                del self._entries[digest]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
 
 KEY_CACHE = KeyCache()
+FEED.subscribe("key", KEY_CACHE.drop_prefix, KEY_CACHE.clear)
+FEED.subscribe("user", KEY_CACHE.drop_user, KEY_CACHE.clear)
 
 
 def _digest(secret: str) -> str:

@@ -1,6 +1,6 @@
 """GET /v1/jobs/{id}, the route clients poll: the same view as the other job routes, for its owner only, and it
 keeps answering when PostgreSQL drops pooled connections; a key revoked from another process stops working
-within the documented bound."""
+within the documented bound (at once on PostgreSQL, whose change notifications reach the API's key cache)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
+import pytest
 
 from tests.conftest import make_user
 from tests.support.models import digits_npz_bytes, digits_onnx_bytes
@@ -96,10 +97,16 @@ def test_pooled_connections_dropped_by_the_database_are_replaced(client, alice, 
         assert client.get("/v1/models", headers=alice).status_code == 200
 
 
+@pytest.mark.parametrize(
+    ("cache_s", "bound_s"),
+    [
+        (1.0, 2.0),  # the documented bound: the cache time, plus a request's worth of slack
+        (300.0, 1.5),  # on PostgreSQL the revocation's notification drops the key long before the cache time
+    ],
+)
 def test_a_key_revoked_from_another_process_is_refused_within_the_cache_time(
-    service_env: dict[str, str], tmp_path: Path
+    service_env: dict[str, str], tmp_path: Path, cache_s: float, bound_s: float
 ) -> None:
-    cache_s = 1.0
     procs = Processes(tmp_path, {**service_env, "SQUEEZE_AUTH_CACHE_S": str(cache_s)})
     port = free_port()
     procs.start("api", "serve", "--no-worker", "--port", str(port))
@@ -111,9 +118,9 @@ def test_a_key_revoked_from_another_process_is_refused_within_the_cache_time(
                 assert c.get("/v1/jobs").status_code == 200
             subprocess.run([*SQUEEZE, "keys", "revoke", key], cwd=ROOT, env=procs.env, check=True, timeout=60)
             revoked = time.monotonic()
-            r = wait_for(lambda: (r := c.get("/v1/jobs")).status_code == 401 and r, timeout=10 * cache_s, interval=0.05)
+            r = wait_for(lambda: (r := c.get("/v1/jobs")).status_code == 401 and r, timeout=10, interval=0.05)
             refused_after = time.monotonic() - revoked
         assert r.json()["error"]["code"] == "invalid_api_key"
-        assert refused_after <= cache_s + 1.0, refused_after  # the bound, plus a request's worth of slack
+        assert refused_after <= bound_s, refused_after
     finally:
         procs.stop_all()
