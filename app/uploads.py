@@ -8,6 +8,7 @@ accepted too and is the fastest path for large files.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import re
 from collections.abc import AsyncIterator, Callable
@@ -230,7 +231,15 @@ async def store_upload(
         writer.flush()
         if writer.size == 0:
             raise InvalidUpload("the uploaded file is empty", code="empty_file")
-        found = await run_in_threadpool(inspect, writer.temp_path)
+        # The inspection reads the file (CPU) while the fsync waits for the disk: side by side, not one after the
+        # other. Both are awaited before anything is decided, so an abort never closes the file under either.
+        inspected, synced = await asyncio.gather(
+            run_in_threadpool(inspect, writer.temp_path), run_in_threadpool(writer.sync), return_exceptions=True
+        )
+        for outcome in (inspected, synced):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        found: T = inspected  # type: ignore[assignment]
         sha = await run_in_threadpool(writer.commit)
     except OSError as exc:
         writer.abort()

@@ -15,8 +15,10 @@ compressible). It is uploaded with curl (which streams it from disk):
 and copied with `cp FILE DEST` on the same filesystem: the baseline, measured in the same run. Reported: MB/s
 (MB = 10^6 bytes of the file, request start to response), the ratio to cp, the API process's RSS growth during
 the upload (VmRSS from /proc/<pid>/status sampled every 10 ms, from just before the upload to its peak), and
-that the stored blob's sha256 equals the file's. `cp + fsync` is printed for context (the API fsyncs every
-blob before it answers; plain cp does not), but the target is against plain cp.
+that the stored blob's sha256 equals the file's. Printed for context, the target being against plain cp:
+`cp + fsync` (the API fsyncs every blob before it answers; plain cp does not), and `ASGI sink, raw`: the same raw
+upload to bench/sink_app.py, a bare ASGI app under uvicorn that discards the body (the most any uvicorn app can
+do with it here: what that cannot beat, the API cannot either).
 
 Each upload is preceded by `sync` (no dirty pages left from the previous step) and followed by a DELETE of the
 dataset so that the next upload stores its own copy. A small warm-up upload of each kind comes first, so that
@@ -41,7 +43,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-from _common import Deployment, Targets, add_common_args, header, print_table
+from _common import Deployment, Targets, add_common_args, free_port, header, print_table, wait_for
 
 MiB = 1024**2
 ROW = MiB  # one "sample" of the array is 1 MiB of bytes
@@ -163,8 +165,25 @@ def curl_upload(base_url: str, key: str, path: Path, mode: str) -> tuple[dict, f
     return json.loads(body), float(total)
 
 
-def one_round(d: Deployment, client, key: str, pid: int, src: Path, size: int, file_sha: str) -> dict[str, dict]:
-    """cp (then fsync), multipart upload, raw upload: each preceded by `sync`, uploads deleted afterwards."""
+def curl_sink(sink_url: str, path: Path) -> float:
+    """POST ``path`` raw to bench/sink_app.py; return curl's time_total (checking that every byte arrived)."""
+    headers = ["-H", "Expect:", "-H", "Content-Type: application/octet-stream"]
+    res = subprocess.run(
+        ["curl", "-sS", "-w", " %{time_total}", *headers, "-X", "POST", "-T", str(path), sink_url],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    received, total = res.stdout.split()
+    if int(received) != path.stat().st_size:
+        raise RuntimeError(f"the sink received {received} bytes of {path.stat().st_size}")
+    return float(total)
+
+
+def one_round(
+    d: Deployment, client, key: str, pid: int, src: Path, size: int, file_sha: str, sink_url: str
+) -> dict[str, dict]:
+    """cp (then fsync), the ASGI sink, multipart upload, raw upload: each preceded by `sync`, uploads deleted."""
     out: dict[str, dict] = {}
     dst = d.tmp / "copy.npz"
     os.sync()
@@ -178,6 +197,9 @@ def one_round(d: Deployment, client, key: str, pid: int, src: Path, size: int, f
     base = {"rss": None, "recv": None, "cpu": None, "sha_ok": None}
     out["cp"] = {"s": cp_s, "mbs": size / cp_s / 1e6, **base}
     out["cp + fsync"] = {"s": cp_fsync_s, "mbs": size / cp_fsync_s / 1e6, **base}
+    os.sync()
+    sink_s = curl_sink(sink_url, src)
+    out["ASGI sink, raw"] = {"s": sink_s, "mbs": size / sink_s / 1e6, **base}
     store_tmp = d.data_dir / "blobs" / "tmp"
     for mode in ("multipart", "raw"):
         os.sync()
@@ -201,6 +223,15 @@ def one_round(d: Deployment, client, key: str, pid: int, src: Path, size: int, f
             "sha_ok": ds["sha256"] == blob_sha == file_sha and ds["size_bytes"] == size,
         }
     return out
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.post(url, content=b"x", timeout=2).text == "1"
+    except httpx.HTTPError:
+        return False
 
 
 def print_round(r: int, rd: dict[str, dict]) -> None:
@@ -245,6 +276,11 @@ def main() -> int:
             f"written in {time.perf_counter() - t:.1f} s to {d.tmp}"
         )
 
+        sink_port = free_port()
+        d.start_script("sink", Path(__file__).with_name("sink_app.py"), str(sink_port))
+        sink_url = f"http://127.0.0.1:{sink_port}/"
+        wait_for(lambda: _answers(sink_url), timeout=30, interval=0.2, what="the ASGI sink")
+
         api = d.start_api()
         pid = api.pid
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -268,11 +304,11 @@ def main() -> int:
         rounds: list[dict[str, dict]] = []
         with d.client(key) as client:
             for r in range(1, args.repeat + 1):
-                rounds.append(one_round(d, client, key, pid, src, size, file_sha))
+                rounds.append(one_round(d, client, key, pid, src, size, file_sha, sink_url))
                 print_round(r, rounds[-1])
 
         # The ratio of each round uses that round's cp (closest in time); medians over the rounds.
-        modes = ("cp", "cp + fsync", "API multipart", "API raw")
+        modes = ("cp", "cp + fsync", "ASGI sink, raw", "API multipart", "API raw")
         summary = []
         for m in modes:
             runs = [rd[m] for rd in rounds]

@@ -64,13 +64,20 @@ class BlobStream:
 class S3BlobWriter(LocalBlobWriter):
     """Spools and hashes exactly as the local writer does; ``commit`` uploads the spooled file and removes it."""
 
+    writeback = False  # the spool is not where the blob lives: no early writeback, no fsync
+
     def __init__(self, store: S3ArtifactStore) -> None:
         super().__init__(store.spool)
         self._s3 = store
 
+    def sync(self) -> None:
+        self.flush()
+
     def commit(self) -> str:
+        self.flush()
+        self._stop_hasher()
         sha = self._hash.hexdigest()
-        self._file.close()  # no fsync: the spool is not where the blob lives
+        self._file.close()
         try:
             self._s3.upload(self.temp_path, sha, self.size)
         finally:
