@@ -43,6 +43,7 @@ HTTP_CODES = {
 }
 
 
+TAGS = ("system", "models", "datasets", "jobs", "searches", "artifacts", "workers")  # the documentation's order
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
@@ -99,6 +100,7 @@ def create_app(*, migrate_on_start: bool = True) -> FastAPI:
         summary="Model compression as a service: prune, quantize, measure, download.",
         lifespan=make_lifespan(migrate_on_start),
         generate_unique_id_function=operation_id,
+        openapi_tags=[{"name": t} for t in TAGS],
     )
     install_openapi(app)
 
@@ -131,11 +133,13 @@ def create_app(*, migrate_on_start: bool = True) -> FastAPI:
 
     redact_access_log()
     app.add_middleware(RequestContextMiddleware)
+    # Routes are matched in order, one by one: the jobs router (GET /v1/jobs/{id}, the route clients poll) and
+    # /healthz (probes) come first. The documentation keeps its own order (TAGS).
     for router in (
+        jobs_router,
         system_router,
         models_router,
         datasets_router,
-        jobs_router,
         search_router,
         artifacts_router,
         workers_router,
