@@ -32,12 +32,15 @@ def _fetch(job_id: str, after: int) -> tuple[list[JobEvent], str | None]:
     from app.db import get_sessionmaker
 
     with get_sessionmaker()() as s:
+        # The status first: the final state's event commits with the status, so once the status read says
+        # terminal, the events read after it holds that event. (Read the other way round, a job finishing between
+        # the two reads ended the stream without its final event.)
+        status = s.scalar(select(CompressionJob.status).where(CompressionJob.id == job_id))
         events = list(
             s.scalars(
                 select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(500)
             )
         )
-        status = s.scalar(select(CompressionJob.status).where(CompressionJob.id == job_id))
     return events, status
 
 
