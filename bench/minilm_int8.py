@@ -11,7 +11,8 @@ Service: `squeeze serve --no-worker` + `squeeze worker` on a fresh PostgreSQL da
 dropped at the end) with Redis (an empty database, emptied at the end), or with --embedded the default single
 command. The model and the data are uploaded (not timed). Then --repeat rounds (default 3), each: the bare
 script (below), then one job: `quantize/int8_dynamic` (per channel, the default), evaluation batch 32, 3 warm-up +
-20 timed runs, `cache: false`, waited for before the next round. Its metrics give the
+20 timed runs, `layer_sensitivity: off` (the default `auto` also measures each of MiniLM's 36 Linear layers alone,
+which the bare script does not do), `cache: false`, waited for before the next round. Its metrics give the
 size ratio, the cosine of the int8 model's outputs to the fp32 model's (padding excluded) and the CPU latency
 ratio (p50 at batch 32). End-to-end wall time = the job row's `finished_at` minus the moment the POST was sent
 (same clock).
@@ -229,7 +230,8 @@ def main() -> int:
                 "model_id": model.raise_for_status().json()["id"],
                 "dataset_id": data.raise_for_status().json()["id"],
                 "steps": [{"op": "quantize", "method": "int8_dynamic", "per_channel": True}],
-                "evaluation": {"batch_size": 32, "warmup_runs": 3, "latency_runs": 20},
+                # The bare script measures no per-layer sensitivity: neither does the job (same calls, same work).
+                "evaluation": {"batch_size": 32, "warmup_runs": 3, "latency_runs": 20, "layer_sensitivity": "off"},
                 "cache": False,
             }
             mode = "embedded (SQLite, file-system broker)" if embedded else "PostgreSQL + Redis + 1 worker"
