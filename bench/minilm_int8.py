@@ -15,7 +15,8 @@ script (below), then one job: `quantize/int8_dynamic` (per channel, the default)
 which the bare script does not do), `cache: false`, waited for before the next round. Its metrics give the
 size ratio, the cosine of the int8 model's outputs to the fp32 model's (padding excluded) and the CPU latency
 ratio (p50 at batch 32). End-to-end wall time = the job row's `finished_at` minus the moment the POST was sent
-(same clock).
+(same clock). `--threads N`: the worker runs with `--threads N` and the bare script's sessions with N intra-op
+threads (default: one per core for both; the embedded default ignores it).
 
 Bare script (this file with --bare, in a fresh Python process, timed from its start to its end, imports
 included): the same ONNX Runtime calls, with no service in between: baseline session + outputs + latency,
@@ -58,7 +59,7 @@ def _masked_cosine(ref: np.ndarray, out: np.ndarray, mask: np.ndarray) -> float:
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).mean())
 
 
-def bare(model: Path, npz: Path, workdir: Path, batch: int, warmup: int, runs: int) -> dict:
+def bare(model: Path, npz: Path, workdir: Path, batch: int, warmup: int, runs: int, threads: int = 0) -> dict:
     t_start = time.perf_counter()
     import onnxruntime as ort
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -71,6 +72,7 @@ def bare(model: Path, npz: Path, workdir: Path, batch: int, warmup: int, runs: i
     def evaluate(path: Path) -> tuple[np.ndarray, float]:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
+        opts.intra_op_num_threads = threads  # 0: ONNX Runtime's default (one per core)
         sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         n = len(feeds["input_ids"])
         outs = [sess.run(None, {k: v[i : i + batch] for k, v in feeds.items()})[0] for i in range(0, n, batch)]
@@ -113,14 +115,22 @@ def bare(model: Path, npz: Path, workdir: Path, batch: int, warmup: int, runs: i
     }
 
 
-def run_bare(model: Path, npz: Path, workdir: Path) -> tuple[dict, float]:
+def run_bare(model: Path, npz: Path, workdir: Path, threads: int = 0) -> tuple[dict, float]:
     """This file with --bare in a new interpreter; returns its result and its wall time (start to exit)."""
     workdir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     # Working and temporary folders inside the scratch folder: when symbolic shape inference gives up, ONNX
     # Runtime dumps the model (weights included) into the working directory.
     proc = subprocess.run(
-        [sys.executable, str(HERE), "--bare", str(model.resolve()), str(npz.resolve()), str(workdir.resolve())],
+        [
+            sys.executable,
+            str(HERE),
+            "--bare",
+            str(model.resolve()),
+            str(npz.resolve()),
+            str(workdir.resolve()),
+            str(threads),
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -173,7 +183,8 @@ def submit_and_wait(client, spec: dict, args: argparse.Namespace) -> dict:  # cl
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--bare":
         model, npz, workdir = (Path(a) for a in sys.argv[2:5])
-        print(json.dumps(bare(model, npz, workdir, batch=32, warmup=3, runs=20)))
+        threads = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+        print(json.dumps(bare(model, npz, workdir, batch=32, warmup=3, runs=20, threads=threads)))
         return 0
 
     from _common import ROOT, Deployment, Targets, add_common_args, header, print_table, wait_for
@@ -182,6 +193,12 @@ def main() -> int:
     ap.add_argument("--embedded", action="store_true", help="the embedded default (SQLite, file broker)")
     ap.add_argument(
         "--repeat", type=int, default=3, help="rounds of bare script + service job, interleaved (default 3)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads of the worker (--threads) and of the bare script's sessions (default 0: one per core)",
     )
     ap.add_argument("--poll", type=float, default=1.0, help="seconds between status reads (default 1)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for a job (default 600)")
@@ -218,7 +235,7 @@ def main() -> int:
             wait_for(lambda: "ready." in d.procs.log("api"), timeout=90, what="the embedded worker to be ready")
         else:
             d.start_api()
-            d.start_worker()
+            d.start_worker(threads=args.threads or None)
         key = d.new_key()
         npz_path = d.tmp / "sentences.npz"
         npz_path.write_bytes(npz_bytes)
@@ -237,7 +254,7 @@ def main() -> int:
             mode = "embedded (SQLite, file-system broker)" if embedded else "PostgreSQL + Redis + 1 worker"
             print(f"service : {mode}; uploads took {time.perf_counter() - t:.1f} s (not counted)")
             for r in range(1, args.repeat + 1):
-                result, wall = run_bare(model_path, npz_path, d.tmp / f"bare-{r}")
+                result, wall = run_bare(model_path, npz_path, d.tmp / f"bare-{r}", args.threads)
                 result["wall_s"] = wall
                 bares.append(result)
                 jobs.append(submit_and_wait(client, spec, args))

@@ -14,6 +14,11 @@ API, PostgreSQL, Redis and this client share those cores (they are not counted a
 found vs fixed; no speed-up). "Best fixed recipe": the best of the search's own single-method trials (each
 quantization alone: what a person would try first), which the search also ran.
 
+After the two searches (not with --once): the workload's own capacity. --capacity-trials trials of the 1-worker
+search (default 3, spread over its range of durations) run again with `cache: false`, once alone and then twice
+at once, one per worker: 2 x time alone / time of the pair is what a second worker can gain on this very work on
+this machine (the matmul "capacity" line measures only the cores).
+
 Targets: none enforced (exit 0); the figures go to docs/BENCHMARKS.md.
 """
 
@@ -46,6 +51,7 @@ def run_search(d: Deployment, spec_extra: dict[str, Any], model_bytes: bytes, da
 
         body = wait_for(done, timeout=7200, interval=0.5, what="the search")
         body["wall_s"] = time.perf_counter() - started
+        body["key"] = key
         # Where the wall time went: each trial job's queued -> started -> finished, from the service's own clock.
         spans = []
         for t in body["trials"]:
@@ -54,6 +60,7 @@ def run_search(d: Deployment, spec_extra: dict[str, Any], model_bytes: bytes, da
                 t["error"] = job["error"]
                 if job["started_at"] and job["finished_at"]:
                     spans.append(tuple(_ts(job[k]) for k in ("created_at", "started_at", "finished_at")))
+                    t["spec"], t["run_s"] = job["spec"], _ts(job["finished_at"]) - _ts(job["started_at"])
         search_job = body["job"]
         t0, t1 = _ts(search_job["created_at"]), _ts(search_job["finished_at"] or search_job["created_at"])
         body["timeline"] = {
@@ -96,6 +103,48 @@ def parallel_capacity(cores: int) -> tuple[float, list[float]]:
     return sum(together) / alone, [alone, *together]
 
 
+def workload_capacity(d: Deployment, body: dict[str, Any], picks: int) -> tuple[float, list[tuple]]:
+    """What two of the search's own trials running at once on the two workers do, against one running alone.
+
+    The matmul loops above measure the cores; this measures the work a search actually does (model loading,
+    ONNX Runtime, zstd, the database writes), with the API, PostgreSQL and Redis on the same machine. ``picks``
+    trials of the finished search, spread over its range of durations, are each run again (``cache: false``):
+    once alone, then twice submitted together. Returns (capacity, rows): the summed time of the ones alone
+    x 2 over the summed time of the pairs (1 job's time = started_at -> finished_at; a pair's = both done),
+    with the pairs' overlap so a reader can see they really ran side by side."""
+    trials = sorted((t for t in body["trials"] if t.get("run_s")), key=lambda t: t["run_s"])
+    spread = sorted({round(i * (len(trials) - 1) / max(1, picks - 1)) for i in range(picks)}) if trials else []
+    chosen = [trials[i] for i in spread]
+    rows, alone_sum, pair_sum = [], 0.0, 0.0
+    with d.client(body["key"]) as client:
+
+        def run(n: int, spec: dict[str, Any]) -> list[dict[str, Any]]:
+            posted = [client.post("/v1/jobs", json={**spec, "cache": False}) for _ in range(n)]
+            ids = [r.raise_for_status().json()["id"] for r in posted]
+
+            def finished() -> list[dict[str, Any]] | None:
+                jobs = [client.get(f"/v1/jobs/{i}").raise_for_status().json() for i in ids]
+                return jobs if all(j["status"] in ("succeeded", "failed", "cancelled") for j in jobs) else None
+
+            jobs = wait_for(finished, timeout=3600, interval=0.25, what="the capacity jobs")
+            if any(j["status"] != "succeeded" for j in jobs):
+                raise RuntimeError(f"a capacity job did not succeed: {[j['error'] for j in jobs]}")
+            return jobs
+
+        for t in chosen:
+            spec = {k: v for k, v in t["spec"].items() if v is not None}
+            (one,) = run(1, spec)
+            alone = _ts(one["finished_at"]) - _ts(one["started_at"])
+            pair = run(2, spec)
+            starts = [_ts(j["started_at"]) for j in pair]
+            ends = [_ts(j["finished_at"]) for j in pair]
+            both = max(ends) - min(starts)
+            overlap = max(0.0, min(ends) - max(starts)) / both
+            alone_sum, pair_sum = alone_sum + alone, pair_sum + both
+            rows.append((t["recipe"], f"{alone:.2f}", f"{both:.2f}", f"{2 * alone / both:.2f}x", f"{overlap:.2f}"))
+    return (2 * alone_sum / pair_sum if pair_sum else 0.0), rows
+
+
 def _ts(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
@@ -115,6 +164,12 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=16, help="max_trials of the search (default 16)")
     ap.add_argument("--cores-per-worker", type=int, default=1, help="pin each worker to this many cores (0: none)")
     ap.add_argument("--once", action="store_true", help="run only the search with 2 workers")
+    ap.add_argument(
+        "--capacity-trials",
+        type=int,
+        default=3,
+        help="trials of the 1-worker search rerun alone and in pairs to measure the workload's capacity (0: skip)",
+    )
     add_common_args(ap)
     args = ap.parse_args()
     header(f"search: {args.model}, 1 worker then 2 workers, max_trials {args.trials}", wait_quiet_s=args.wait_quiet)
@@ -152,6 +207,9 @@ def main() -> int:
             results.append(("1 worker", run_search(d, spec, model_bytes, data_bytes)))
         d.start_worker(concurrency=1, name="worker2", **pinning(1))
         results.append(("2 workers", run_search(d, spec, model_bytes, data_bytes)))
+        workload = None
+        if args.capacity_trials and not args.once:
+            workload = workload_capacity(d, results[0][1], args.capacity_trials)
     print()
     print_table(
         ["run", "search s", "trials run s (sum)", "busy share", "no trial running s", "queue wait s (sum)"],
@@ -212,6 +270,13 @@ def main() -> int:
         print(f"\nspeed-up with 2 workers: {speedup:.2f}x (wall time 1 worker / 2 workers)")
         if capacity:
             print(f"parallel efficiency: {speedup / capacity:.2f} (speed-up / this machine's capacity {capacity:.2f}x)")
+        if workload and workload[0]:
+            print("\nthe search's own work, alone vs two at once on the 2 workers (1-worker search's trials, rerun):")
+            print_table(["trial", "alone s", "pair s (both done)", "work x", "overlap"], workload[1])
+            print(
+                f"workload capacity: {workload[0]:.2f}x (2 x time alone / time of the pair, summed)\n"
+                f"parallel efficiency vs the workload capacity: {speedup / workload[0]:.2f}"
+            )
     for name, body in results:
         print(f"{name}: {(body['result'] or {}).get('statement')}")
         for t in body["trials"]:
