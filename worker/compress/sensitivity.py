@@ -2,7 +2,8 @@
 
 For each prunable layer, the job's pruning and quantization steps are emulated on that layer's weights alone
 (numpy: the masks the steps would apply, and a quantize-dequantize round trip at the step's bit width), the model
-is written with just that layer changed, and evaluated on (a head of) the job's dataset. The metric is top-1
+is run with just that layer changed on (a head of) the job's dataset: for ONNX on CPU the weight is swapped in
+memory (``OnnxBackend.weight_swapper``, ~4x faster on MiniLM), elsewhere the variant is written to a file first. The metric is top-1
 accuracy when the data has labels, else the cosine similarity of the outputs with the original's. This is the
 standard one-layer-at-a-time analysis (as in NNCF's and AIMET's sensitivity reports); it ranks layers for mixed
 sparsity and precision, which the search (issue 6) builds on.
@@ -137,7 +138,16 @@ def layer_sensitivity(
             '"evaluation": {"layer_sensitivity": "on"}'
         ]
     head = data.head(min(SENSITIVITY_SAMPLES, data.num_samples))
-    reference = _outputs(backend, model_path, head, options, device)
+    # Where the backend can swap a weight in memory, each variant is a session, not a rewritten file. The
+    # reference then comes from the same kind of session, so an unchanged layer measures exactly 0.
+    swapper_of = getattr(backend, "weight_swapper", None)
+    swapper = swapper_of(model_path, device) if swapper_of is not None else None
+    reference_runner = swapper.open({}) if swapper is not None else None
+    if reference_runner is None:
+        swapper = None
+        reference_runner = backend.open_runner(model_path, device)
+    reference = evaluate.run_batched(reference_runner, head, options.batch_size)
+    del reference_runner
     metric = "accuracy" if evaluate.accuracy(reference, head.labels) is not None else "cosine"
     base_value = _metric(reference, reference, head)
     results: dict[str, float] = {}
@@ -145,9 +155,14 @@ def layer_sensitivity(
     scratch.mkdir(exist_ok=True)
     try:
         for i, (name, (w, axis)) in enumerate(weights.items()):
+            changed = {name: emulate(name, w, axis, compress_steps).astype(w.dtype)}
+            runner = swapper.open(changed) if swapper is not None else None
             path = scratch / f"layer{i}{backend.suffix}"
-            write(model_path, path, {name: emulate(name, w, axis, compress_steps).astype(w.dtype)})
-            outputs = _outputs(backend, path, head, options, device)
+            if runner is None:
+                write(model_path, path, changed)
+                runner = backend.open_runner(path, device)
+            outputs = evaluate.run_batched(runner, head, options.batch_size)
+            del runner
             results[name] = round(_metric(outputs, reference, head) - base_value, 6)
             path.unlink(missing_ok=True)
     finally:
@@ -160,10 +175,6 @@ def layer_sensitivity(
         f"per-layer sensitivity ({metric} change when only that layer is compressed, {head.num_samples} "
         f"samples): most sensitive {', '.join(f'{n} {v:+.4f}' for n, v in worst)}"
     ]
-
-
-def _outputs(backend: FormatBackend, path: Path, data: EvalData, options: EvalOptions, device: str) -> list[np.ndarray]:
-    return evaluate.run_batched(backend.open_runner(path, device), data, options.batch_size)
 
 
 def _metric(outputs: list[np.ndarray], reference: list[np.ndarray], data: EvalData) -> float:
