@@ -63,6 +63,7 @@ from app.jobs.spec import (
 )
 from worker.compress.pruning import magnitude_report, nm_mask, row_keep, step_masks
 from worker.compress.types import CompressionError, EvalData, StepContext, StepReport, torch_errors
+from worker.compress.weight_swap import ModuleWeightSwapper
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -445,6 +446,11 @@ class HfBackend:
         """nn.Linear weights ([out, in]; reduction axis 1) by parameter name."""
         model = load_model(model_folder(path))
         return {name: (m.weight.detach().float().numpy(), 1) for name, m in _prunable(model).items()}
+
+    def weight_swapper(self, path: Path, device: str) -> ModuleWeightSwapper[HfRunner]:
+        """One runner whose prunable weights are swapped in place (see ``weight_swap``), for per-layer sensitivity."""
+        runner = self.open_runner(path, device)
+        return ModuleWeightSwapper(runner, {name: m.weight for name, m in _prunable(runner.model).items()})
 
     def with_weights(self, src: Path, dst: Path, weights: dict[str, np.ndarray]) -> None:
         """Write ``src`` to ``dst`` with the named weights replaced (same dtype and shape)."""

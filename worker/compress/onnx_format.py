@@ -101,7 +101,7 @@ class OnnxRunner:
         self.inputs = [_ort_input_spec(i) for i in session.get_inputs()]
         first = self.inputs[0].shape if self.inputs else []
         self.fixed_batch: int | None = first[0] if first else None
-        self.keep_alive: list[object] = []  # buffers the session reads in place (see WeightSwapper)
+        self.keep_alive: list[object] = []  # buffers the session reads in place (see OnnxWeightSwapper)
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         missing = [i.name for i in self.inputs if i.name not in inputs]
@@ -115,7 +115,7 @@ class OnnxRunner:
         return list(self.session.run(None, feed))
 
 
-class WeightSwapper:
+class OnnxWeightSwapper:
     """ONNX Runtime sessions on one model file with named initializers replaced, via ``SessionOptions.add_initializer``.
 
     ONNX Runtime applies such a replacement after its graph optimizations, and silently drops it for an
@@ -370,7 +370,7 @@ class OnnxBackend:
         axes = _reduction_axes(model, set(prunable))
         return {name: (numpy_helper.to_array(t), axes[name]) for name, t in prunable.items()}
 
-    def weight_swapper(self, path: Path, device: str) -> WeightSwapper | None:
+    def weight_swapper(self, path: Path, device: str) -> OnnxWeightSwapper | None:
         """Sessions on ``path`` with some weights replaced in memory, for many one-layer variants of one model
         (per-layer sensitivity): no model is parsed, rewritten or saved in Python (MiniLM: ~0.17 s a variant
         against ~0.8 s through :meth:`with_weights` and a file). None on CUDA, where it has not been checked."""
@@ -378,7 +378,7 @@ class OnnxBackend:
             return None
         model = _load_model(path, with_data=False)
         _external_files(model, path)  # checked once here, as open_runner does for each session
-        return WeightSwapper(path, {t.name for t in model.graph.initializer})
+        return OnnxWeightSwapper(path, {t.name for t in model.graph.initializer})
 
     def with_weights(self, src: Path, dst: Path, weights: dict[str, np.ndarray]) -> None:
         """Write ``src`` to ``dst`` with the named initializers replaced (same dtype and shape)."""

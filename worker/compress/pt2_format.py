@@ -52,6 +52,7 @@ from app.jobs.spec import (
 from worker.compress.backend import QuantizeStepT
 from worker.compress.pruning import magnitude_report, step_masks
 from worker.compress.types import CompressionError, EvalData, StepContext, StepReport, torch_errors
+from worker.compress.weight_swap import ModuleWeightSwapper, tensor_at
 
 _WEIGHT_KINDS = (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
 _CONV_OPS = {
@@ -291,19 +292,19 @@ class Pt2Runner:
             from worker.compress.pt2_kernels import with_cuda_kernels
 
             probe_args = self._binder.pack([t.to(device) for t in _random_tensors(ep, self.fixed_batch or 8, seed=1)])
-            self._module, report = with_cuda_kernels(
+            self.module, report = with_cuda_kernels(
                 ep.module, lambda m: _tensor_leaves(m(*probe_args[0], **probe_args[1]))
             )
             self.kernels = report.as_dict()
             if report.used:
                 self.runtime = self.runtime[:-1] + f"; {report.describe()})"
         else:
-            self._module = ep.module()
+            self.module = ep.module()
 
     def __call__(self, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
         args, kwargs = self._binder.bind(inputs, self.device)
         with torch.inference_mode():
-            out = self._module(*args, **kwargs)
+            out = self.module(*args, **kwargs)
         return [_numpy(t) for t in pytree.tree_leaves(out)]
 
     def time_calls(self, inputs: dict[str, np.ndarray], warmup: int, runs: int) -> list[float]:
@@ -312,7 +313,7 @@ class Pt2Runner:
 
         args, kwargs = self._binder.bind(inputs, self.device)
         with torch.inference_mode():
-            return device_call_times(lambda: self._module(*args, **kwargs), self.device, warmup, runs)
+            return device_call_times(lambda: self.module(*args, **kwargs), self.device, warmup, runs)
 
 
 def _tensor_leaves(out: Any) -> list[torch.Tensor]:
@@ -709,6 +710,14 @@ class Pt2Backend:
             for node, target, t in _weight_inputs(ep)
             if _is_prunable(node, t)
         }
+
+    def weight_swapper(self, path: Path, device: str) -> ModuleWeightSwapper[Pt2Runner]:
+        """One runner whose prunable weights are swapped in place (see ``weight_swap``), for per-layer sensitivity.
+
+        The runner executes ``ep.module()``, whose tensors sit at their state_dict/constants keys."""
+        runner = self.open_runner(path, device)
+        live = {target: tensor_at(runner.module, target) for target in self.prunable_weights(path)}
+        return ModuleWeightSwapper(runner, {target: t for target, t in live.items() if t is not None})
 
     def with_weights(self, src: Path, dst: Path, weights: dict[str, np.ndarray]) -> None:
         """Write ``src`` to ``dst`` with the named weights replaced (same dtype and shape)."""

@@ -2,9 +2,10 @@
 
 For each prunable layer, the job's pruning and quantization steps are emulated on that layer's weights alone
 (numpy: the masks the steps would apply, and a quantize-dequantize round trip at the step's bit width), the model
-is run with just that layer changed on (a head of) the job's dataset: for ONNX on CPU the weight is swapped in
-memory (``OnnxBackend.weight_swapper``, ~4x faster on MiniLM), elsewhere the variant is written to a file first. The metric is top-1
-accuracy when the data has labels, else the cosine similarity of the outputs with the original's. This is the
+is run with just that layer changed on (a head of) the job's dataset, and the metric compared. The metric is top-1
+accuracy when the data has labels, else the cosine similarity of the outputs with the original's. The variants are
+made in memory where the backend can (``weight_swapper``: ONNX Runtime sessions with one initializer replaced on
+CPU; the live torch model's tensor copied in place), else written as model files: same values, ~4x faster. This is the
 standard one-layer-at-a-time analysis (as in NNCF's and AIMET's sensitivity reports); it ranks layers for mixed
 sparsity and precision, which the search (issue 6) builds on.
 """

@@ -37,6 +37,7 @@ from worker.compress.backend import QuantizeStepT
 from worker.compress.convert import onnx_conversion_report
 from worker.compress.pruning import magnitude_report, step_masks
 from worker.compress.types import CompressionError, EvalData, StepContext, StepReport, torch_errors
+from worker.compress.weight_swap import ModuleWeightSwapper
 
 _CONV_KINDS = {
     f"aten::{name}"
@@ -158,7 +159,7 @@ class TorchScriptRunner:
         self.runtime = f"torch {torch.__version__.split('+')[0]} {device} (TorchScript)"
         self.input_names = _tensor_arguments(module)
         self._float = _input_float_dtype(module)
-        self._module = module
+        self.module = module
 
     def tensors(self, inputs: dict[str, np.ndarray]) -> list[torch.Tensor]:
         tensors = []
@@ -174,7 +175,7 @@ class TorchScriptRunner:
         args = self.tensors(inputs)
         # TorchScript's print() writes to sys.stdout, the sandbox's result channel: send it to stderr.
         with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr):
-            out = self._module(*args)
+            out = self.module(*args)
         return [_numpy(t) for t in _flatten(out)]
 
     def time_calls(self, inputs: dict[str, np.ndarray], warmup: int, runs: int) -> list[float]:
@@ -183,7 +184,7 @@ class TorchScriptRunner:
 
         args = self.tensors(inputs)
         with torch.inference_mode(), contextlib.redirect_stdout(sys.stderr):
-            return device_call_times(lambda: self._module(*args), self.device, warmup, runs)
+            return device_call_times(lambda: self.module(*args), self.device, warmup, runs)
 
 
 def _array(inputs: dict[str, np.ndarray], name: str, names: list[str]) -> np.ndarray:
@@ -398,6 +399,11 @@ class TorchScriptBackend:
             name: (t.detach().float().cpu().numpy(), axis)
             for name, (t, axis) in _prunable(_model_root(_load(path))).items()
         }
+
+    def weight_swapper(self, path: Path, device: str) -> ModuleWeightSwapper[TorchScriptRunner]:
+        """One runner whose prunable weights are swapped in place (see ``weight_swap``), for per-layer sensitivity."""
+        runner = self.open_runner(path, device)
+        return ModuleWeightSwapper(runner, {name: t for name, (t, _) in _prunable(_model_root(runner.module)).items()})
 
     def with_weights(self, src: Path, dst: Path, weights: dict[str, np.ndarray]) -> None:
         """Write ``src`` to ``dst`` with the named weights replaced (same dtype and shape)."""
