@@ -139,8 +139,9 @@ def layer_sensitivity(
             '"evaluation": {"layer_sensitivity": "on"}'
         ]
     head = data.head(min(SENSITIVITY_SAMPLES, data.num_samples))
-    # Where the backend can swap a weight in memory, each variant is a session, not a rewritten file. The
-    # reference then comes from the same kind of session, so an unchanged layer measures exactly 0.
+    # Where the backend can swap a weight in memory (a fresh ONNX Runtime session; the loaded torch model changed in
+    # place), no variant is written. The reference then comes from the swapper too (for ONNX, the same unoptimized
+    # kind of session), so an unchanged layer measures exactly 0.
     swapper_of = getattr(backend, "weight_swapper", None)
     swapper = swapper_of(model_path, device) if swapper_of is not None else None
     reference_runner = swapper.open({}) if swapper is not None else None
