@@ -639,11 +639,13 @@ class Pt2Backend:
     suffix = ".pt2"
 
     def open_runner(self, path: Path, device: str, kernels: bool = False) -> Pt2Runner:
+        return self._runner(_load(path), device, kernels)
+
+    def _runner(self, ep: ExportedProgram, device: str, kernels: bool = False) -> Pt2Runner:
         if device == "cuda" and not torch.cuda.is_available():
             raise CompressionError("device_unavailable", "CUDA was requested but this worker has no usable GPU")
         if device not in ("cpu", "cuda"):
             raise CompressionError("device_unavailable", f"unknown device {device!r}")
-        ep = _load(path)
         with torch_errors("invalid_model", "preparing the program for execution"):
             return Pt2Runner(ep, device, kernels)
 
@@ -715,8 +717,10 @@ class Pt2Backend:
         """One runner whose prunable weights are swapped in place (see ``weight_swap``), for per-layer sensitivity.
 
         The runner executes ``ep.module()``, whose tensors sit at their state_dict/constants keys."""
-        runner = self.open_runner(path, device)
-        live = {target: tensor_at(runner.module, target) for target in self.prunable_weights(path)}
+        ep = _load(path)
+        prunable = [target for node, target, t in _weight_inputs(ep) if _is_prunable(node, t)]
+        runner = self._runner(ep, device)
+        live = {target: tensor_at(runner.module, target) for target in prunable}
         return ModuleWeightSwapper(runner, {target: t for target, t in live.items() if t is not None})
 
     def with_weights(self, src: Path, dst: Path, weights: dict[str, np.ndarray]) -> None:
